@@ -1,0 +1,7 @@
+"""expcuda: fast, accurate training of low-precision CNNs (EXP-Net and friends)."""
+
+from expcuda import quant
+from expcuda.backends import BackendError, use_backend
+
+__all__ = ["quant", "use_backend", "BackendError"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One module per backend: ``unavailable()``, ``refuses(device, dtype)`` and the kernels."""

@@ -1,0 +1,287 @@
+"""The quantizers as ``torch.library`` custom ops with fake kernels and autograd.
+
+Each op runs on the backend :func:`expcuda.backends.select` picks for its
+inputs.  Activation quantizers (DoReFa, sign) save their straight-through
+mask packed 8 elements per byte: forward writes it beside the output, and
+backward reads 1/32 of a float32 tensor instead of the whole saved input
+(see the README for the measurement).  Weight quantizers save the weight
+(small, and their backward needs it for more than a mask).  LSQ saves its
+input, since the step's gradient needs ``round(x/s) - x/s`` everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from expcuda import backends
+
+LIB = "expcuda"
+
+
+def dense(x: Tensor) -> Tensor:
+    """x itself if its storage is a dense block (any layout), else a contiguous copy."""
+    return x if is_non_overlapping_and_dense(x) else x.contiguous()
+
+
+def empty_dense_like(x: Tensor, dtype=None) -> Tensor:
+    if is_non_overlapping_and_dense(x):
+        return torch.empty_like(x, dtype=dtype)
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
+def mask_like(x: Tensor) -> Tensor:
+    return torch.empty(((x.numel() + 7) // 8,), dtype=torch.uint8, device=x.device)
+
+
+def as_layout(grad: Tensor, like_stride) -> Tensor:
+    """grad with the strides of the forward output, so kernels can walk storage in step."""
+    if grad.stride() == tuple(like_stride):
+        return grad
+    out = torch.empty_strided(grad.shape, like_stride, dtype=grad.dtype, device=grad.device)
+    return out.copy_(grad)
+
+
+def _backend(t: Tensor):
+    return backends.select(t.device, t.dtype)
+
+
+# --------------------------------------------------------------------------- packed-mask STE backward
+
+@torch.library.custom_op(f"{LIB}::ste_mask_backward", mutates_args=())
+def ste_mask_backward(grad: Tensor, mask: Tensor) -> Tensor:
+    if grad.numel() == 0:
+        return torch.empty_like(grad)
+    return _backend(grad).mask_bwd(grad, mask)
+
+
+@ste_mask_backward.register_fake
+def _(grad, mask):
+    return torch.empty_like(grad)
+
+
+def _masked_setup(ctx, inputs, output):
+    y, mask = output
+    ctx.save_for_backward(mask)
+    ctx.out_stride = y.stride()
+
+
+def _masked_backward(ctx, grad_y, grad_mask):
+    (mask,) = ctx.saved_tensors
+    grad_x = ste_mask_backward(as_layout(grad_y, ctx.out_stride), mask)
+    return (grad_x,) + (None,) * (ctx.n_inputs - 1)
+
+
+def _register_masked(op, n_inputs: int) -> None:
+    def setup(ctx, inputs, output):
+        _masked_setup(ctx, inputs, output)
+        ctx.n_inputs = n_inputs
+    op.register_autograd(_masked_backward, setup_context=setup)
+
+
+# --------------------------------------------------------------------------- DoReFa activations
+
+@torch.library.custom_op(f"{LIB}::dorefa_activation", mutates_args=())
+def dorefa_activation_op(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    x = dense(x)
+    if x.numel() == 0:
+        return torch.empty_like(x), mask_like(x)
+    return _backend(x).dorefa_activation_fwd(x, bits)
+
+
+@dorefa_activation_op.register_fake
+def _(x, bits):
+    return empty_dense_like(x), mask_like(x)
+
+
+_register_masked(dorefa_activation_op, 2)
+
+
+# --------------------------------------------------------------------------- sign activations
+
+@torch.library.custom_op(f"{LIB}::sign_activation", mutates_args=())
+def sign_activation_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    x = dense(x)
+    if x.numel() == 0:
+        return torch.empty_like(x), mask_like(x)
+    return _backend(x).sign_activation_fwd(x)
+
+
+@sign_activation_op.register_fake
+def _(x):
+    return empty_dense_like(x), mask_like(x)
+
+
+_register_masked(sign_activation_op, 1)
+
+
+# --------------------------------------------------------------------------- DoReFa weights
+
+@torch.library.custom_op(f"{LIB}::dorefa_weight", mutates_args=())
+def dorefa_weight_op(w: Tensor, bits: int) -> Tensor:
+    w = w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return _backend(w).dorefa_weight_fwd(w, bits)
+
+
+@dorefa_weight_op.register_fake
+def _(w, bits):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+@torch.library.custom_op(f"{LIB}::dorefa_weight_backward", mutates_args=())
+def dorefa_weight_backward(grad: Tensor, w: Tensor, bits: int) -> Tensor:
+    grad, w = grad.contiguous(), w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return _backend(w).dorefa_weight_bwd(grad, w, bits)
+
+
+@dorefa_weight_backward.register_fake
+def _(grad, w, bits):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+def _dorefa_weight_setup(ctx, inputs, output):
+    w, bits = inputs
+    ctx.save_for_backward(w)
+    ctx.bits = bits
+
+
+def _dorefa_weight_grad(ctx, grad):
+    (w,) = ctx.saved_tensors
+    return dorefa_weight_backward(grad, w, ctx.bits), None
+
+
+dorefa_weight_op.register_autograd(_dorefa_weight_grad, setup_context=_dorefa_weight_setup)
+
+
+# --------------------------------------------------------------------------- XNOR weights
+
+@torch.library.custom_op(f"{LIB}::xnor_weight", mutates_args=())
+def xnor_weight_op(w: Tensor) -> Tensor:
+    w = w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return _backend(w).xnor_weight_fwd(w)
+
+
+@xnor_weight_op.register_fake
+def _(w):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+@torch.library.custom_op(f"{LIB}::xnor_weight_backward", mutates_args=())
+def xnor_weight_backward(grad: Tensor, w: Tensor) -> Tensor:
+    grad, w = grad.contiguous(), w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return _backend(w).xnor_weight_bwd(grad, w)
+
+
+@xnor_weight_backward.register_fake
+def _(grad, w):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+def _xnor_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _xnor_grad(ctx, grad):
+    (w,) = ctx.saved_tensors
+    return xnor_weight_backward(grad, w)
+
+
+xnor_weight_op.register_autograd(_xnor_grad, setup_context=_xnor_setup)
+
+
+# --------------------------------------------------------------------------- SYQ weights
+
+@torch.library.custom_op(f"{LIB}::syq_weight", mutates_args=())
+def syq_weight_op(w: Tensor, scales: Tensor, eta: float, granularity: str) -> Tensor:
+    w, scales = w.contiguous(), scales.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return _backend(w).syq_weight_fwd(w, scales, eta, granularity)
+
+
+@syq_weight_op.register_fake
+def _(w, scales, eta, granularity):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+@torch.library.custom_op(f"{LIB}::syq_weight_backward", mutates_args=())
+def syq_weight_backward(grad: Tensor, w: Tensor, scales: Tensor, eta: float,
+                        granularity: str) -> tuple[Tensor, Tensor]:
+    grad, w, scales = grad.contiguous(), w.contiguous(), scales.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w), torch.zeros_like(scales)
+    return _backend(w).syq_weight_bwd(grad, w, scales, eta, granularity)
+
+
+@syq_weight_backward.register_fake
+def _(grad, w, scales, eta, granularity):
+    return (torch.empty(w.shape, dtype=w.dtype, device=w.device),
+            torch.empty(scales.shape, dtype=scales.dtype, device=scales.device))
+
+
+def _syq_setup(ctx, inputs, output):
+    w, scales, eta, granularity = inputs
+    ctx.save_for_backward(w, scales)
+    ctx.eta, ctx.granularity = eta, granularity
+
+
+def _syq_grad(ctx, grad):
+    w, scales = ctx.saved_tensors
+    dw, ds = syq_weight_backward(grad, w, scales, ctx.eta, ctx.granularity)
+    return dw, ds, None, None
+
+
+syq_weight_op.register_autograd(_syq_grad, setup_context=_syq_setup)
+
+
+# --------------------------------------------------------------------------- LSQ
+
+@torch.library.custom_op(f"{LIB}::lsq", mutates_args=())
+def lsq_op(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
+    x = dense(x)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _backend(x).lsq_fwd(x, step, bits, signed)
+
+
+@lsq_op.register_fake
+def _(x, step, bits, signed):
+    return empty_dense_like(x)
+
+
+@torch.library.custom_op(f"{LIB}::lsq_backward", mutates_args=())
+def lsq_backward(grad: Tensor, x: Tensor, step: Tensor, bits: int,
+                 signed: bool) -> tuple[Tensor, Tensor]:
+    x = dense(x)
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros_like(step)
+    return _backend(x).lsq_bwd(as_layout(grad, x.stride()), x, step, bits, signed)
+
+
+@lsq_backward.register_fake
+def _(grad, x, step, bits, signed):
+    return empty_dense_like(x), torch.empty_like(step)
+
+
+def _lsq_setup(ctx, inputs, output):
+    x, step, bits, signed = inputs
+    ctx.save_for_backward(dense(x), step)
+    ctx.bits, ctx.signed = bits, signed
+
+
+def _lsq_grad(ctx, grad):
+    x, step = ctx.saved_tensors
+    dx, ds = lsq_backward(grad, x, step, ctx.bits, ctx.signed)
+    return dx, ds, None, None
+
+
+lsq_op.register_autograd(_lsq_grad, setup_context=_lsq_setup)

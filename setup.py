@@ -1,0 +1,115 @@
+"""Build expcuda and its compiled extension ``expcuda._C``.
+
+Build with torch already installed:  pip install -e . --no-build-isolation
+
+Toggles (environment variables read at build time):
+  EXPCUDA_NO_EXT=1        pure-Python install: no compiled code at all (reference and
+                          Triton backends only).
+  EXPCUDA_NO_CUDA=1       build the C++ CPU kernels only, even when torch has CUDA and
+                          nvcc is found.
+  TORCH_CUDA_ARCH_LIST    the GPU architectures to compile for, e.g. "9.0" or "8.0;9.0"
+                          (default here: "8.0;9.0").
+  EXPCUDA_DEBUG=1         a debug build: -O0 -g, device debug info, no line-level opt.
+  CUDA_HOME               the CUDA toolkit folder; when unset it is found from the nvcc on
+                          PATH, following a wrapper script to the real nvcc.
+  MAX_JOBS                parallel compile jobs for ninja.
+
+The CUDA sources are compiled whenever torch was built with CUDA and nvcc is found,
+whether or not a GPU is present: a CUDA compile error fails the build.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def real_nvcc() -> str | None:
+    """The real nvcc binary: follows a one-line ``exec /path/nvcc`` wrapper script."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        with open(nvcc, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return nvcc
+    if head.startswith(b"#!"):
+        match = re.search(rb"(/\S*/bin/nvcc)\b", head)
+        if match and os.path.exists(match.group(1).decode()):
+            return match.group(1).decode()
+    return os.path.realpath(nvcc)
+
+
+def find_cuda_home() -> str | None:
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = real_nvcc()
+    return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+
+
+def pip_cuda_includes() -> list[str]:
+    """Headers shipped in the nvidia-* wheels torch depends on (cusparse.h and friends)."""
+    found = []
+    for base in sys.path:
+        found += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        found += glob.glob(os.path.join(base, "nvidia", "*", "include"))
+    return sorted({p for p in found if os.path.isdir(p)})
+
+
+def extensions():
+    if flag("EXPCUDA_NO_EXT"):
+        return [], {}
+    import torch
+    cuda_home = find_cuda_home()
+    use_cuda = torch.version.cuda is not None and cuda_home is not None and not flag("EXPCUDA_NO_CUDA")
+    if use_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils import cpp_extension
+
+    debug = flag("EXPCUDA_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fopenmp", "-DEXPCUDA_HAVE_CUDA=%d" % use_cuda]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    kwargs = dict(name="expcuda._C", sources=sources, include_dirs=include_dirs,
+                  extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += pip_cuda_includes()
+        nvcc = opt + ["-std=c++17", "--fmad=false", "-DEXPCUDA_HAVE_CUDA=1"]
+        if debug:
+            nvcc += ["-G"]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc
+        ext = cpp_extension.CUDAExtension(**kwargs)
+    else:
+        ext = cpp_extension.CppExtension(**kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="expcuda",
+    version="0.1.0",
+    description="Fast, accurate training of low-precision CNNs: EXP-Net with fused kernels",
+    packages=find_packages(include=["expcuda", "expcuda.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "safetensors", "scipy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["expcuda=expcuda.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
