@@ -131,7 +131,7 @@ def dorefa_weight_fwd(w: Tensor, bits: int) -> Tensor:
 def dorefa_weight_bwd(grad: Tensor, w: Tensor, bits: int) -> Tensor:
     g = grad.to(F32)
     if bits == 1:
-        return g.to(w.dtype)
+        return g.to(w.dtype, copy=True)
     t = torch.tanh(w.to(F32))
     m = t.abs().amax()
     if m == 0:
