@@ -57,7 +57,11 @@ def load(name: str):
 
 def availability(name: str) -> Optional[str]:
     """None when the backend can run at all on this machine, else why not."""
-    return load(name).unavailable()
+    try:
+        module = load(name)
+    except ImportError as exc:  # e.g. a broken Triton install
+        return f"its module failed to import: {exc}"
+    return module.unavailable()
 
 
 def why_not(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
