@@ -8,7 +8,8 @@ Toggles (environment variables read at build time):
   EXPCUDA_NO_CUDA=1       build the C++ CPU kernels only, even when torch has CUDA and
                           nvcc is found.
   TORCH_CUDA_ARCH_LIST    the GPU architectures to compile for, e.g. "9.0" or "8.0;9.0"
-                          (default here: "8.0;9.0").
+                          (default: the visible GPU's, else "9.0" -- one arch keeps the
+                          build short).
   EXPCUDA_DEBUG=1         a debug build: -O0 -g, device debug info, no line-level opt.
   CUDA_HOME               the CUDA toolkit folder; when unset it is found from the nvcc on
                           PATH, following a wrapper script to the real nvcc.
@@ -68,6 +69,14 @@ def pip_cuda_includes() -> list[str]:
     return sorted({p for p in found if os.path.isdir(p)})
 
 
+def default_arch() -> str:
+    import torch
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0"
+
+
 def extensions():
     if flag("EXPCUDA_NO_EXT"):
         return [], {}
@@ -76,7 +85,7 @@ def extensions():
     use_cuda = torch.version.cuda is not None and cuda_home is not None and not flag("EXPCUDA_NO_CUDA")
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch())
     from torch.utils import cpp_extension
 
     debug = flag("EXPCUDA_DEBUG")
