@@ -5,3 +5,7 @@ from expcuda.backends import BackendError, use_backend
 
 __all__ = ["quant", "use_backend", "BackendError"]
 __version__ = "0.1.0"
+
+from expcuda.nn import ExpandedConv2d, LowPrecisionConv2d  # noqa: E402
+
+__all__ += ["ExpandedConv2d", "LowPrecisionConv2d"]

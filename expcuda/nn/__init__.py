@@ -1,0 +1,5 @@
+"""Modules of EXP-Net: the expanded block, the plain low-precision block, expand and collapse."""
+
+from expcuda.nn.block import ExpandedConv2d, LowPrecisionConv2d
+
+__all__ = ["ExpandedConv2d", "LowPrecisionConv2d"]

@@ -1,0 +1,232 @@
+"""The fused epilogue of the expanded block as a ``torch.library`` custom op.
+
+The fused path convolves once with the LP and FP weights stacked along the
+output channels, then this op does everything after the convolution in one
+go: BatchNorm with batch statistics over all stacked channels, ``phi`` and
+``Qa`` on the LP channels, ``psi`` and the factor ``f`` on the FP channels,
+and the combine of scheme 1 or 2; its backward is the matching STE formula.
+It saves only the convolution output (which BatchNorm's backward needs
+anyway) and the per-channel statistics, and recomputes everything else.
+
+Channels ``[0, c_lp)`` of ``z`` are the LP branch and ``[c_lp, C)`` the FP
+branch (``C == c_lp`` leaves only the LP branch: the folded block and the
+plain low-precision block).  Kernels: the C++ CPU kernel
+(``csrc/cpu/block_cpu.cpp``) when ``expcuda._C`` has it, Triton
+(``triton_epilogue.py``) when the backend dispatcher picks Triton, and
+:func:`epilogue_fwd_torch` / :func:`epilogue_bwd_torch` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from expcuda import _ext, backends
+
+F32 = torch.float32
+COMBINES = {"add": 0, "sub": 1, "concat": 2}
+A_QUANT_CODES = {"none": 0, "dorefa": 1, "sign": 2, "lsq": 3}
+PHI_CODES = {"identity": 0, "relu": 1, "clip": 2}
+
+
+def out_channels(c_total: int, c_lp: int, combine: str) -> int:
+    return c_total if combine == "concat" else c_lp
+
+
+# --------------------------------------------------------------------------- pure-PyTorch kernels
+
+def _bc(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _phi(kind: str, y: Tensor) -> Tensor:
+    if kind == "relu":
+        return torch.relu(y)
+    if kind == "clip":
+        return torch.clamp(y, 0.0, 1.0)
+    return y
+
+
+def _phi_mask(kind: str, y: Tensor) -> Optional[Tensor]:
+    if kind == "relu":
+        return y > 0
+    if kind == "clip":
+        return (y >= 0) & (y <= 1)
+    return None
+
+
+def _qa(a_quant: str, a_bits: int, u: Tensor, step: Optional[Tensor]) -> Tensor:
+    """Qa forward, the same float32 formulas as ``expcuda.quant.reference``."""
+    if a_quant == "dorefa":
+        c = torch.clamp(u, 0.0, 1.0)
+        if a_bits == 32:
+            return c
+        n = float(2**a_bits - 1)
+        return torch.round(c * n) / n
+    if a_quant == "sign":
+        return (u > 0).to(F32) - (u < 0).to(F32)
+    if a_quant == "lsq":
+        s = step.to(F32).reshape(())
+        return torch.round(torch.clamp(u / s, 0.0, float(2**a_bits - 1))) * s
+    return u
+
+
+def _qa_backward(a_quant: str, a_bits: int, u: Tensor, g: Tensor,
+                 step: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Qa's STE: (du, dstep)."""
+    if a_quant == "dorefa":
+        return torch.where((u >= 0) & (u <= 1), g, 0.0), None
+    if a_quant == "sign":
+        return torch.where(u.abs() <= 1, g, 0.0), None
+    if a_quant == "lsq":
+        qp = float(2**a_bits - 1)
+        s = step.to(F32).reshape(())
+        v = u / s
+        inside = (v >= 0) & (v <= qp)
+        r = torch.where(inside, torch.round(v) - v, torch.where(v < 0, 0.0, qp))
+        ds = ((g * r).to(torch.float64).sum() / math.sqrt(u.numel() * qp)).to(F32)
+        return torch.where(inside, g, 0.0), ds
+    return g, None
+
+
+def _combine(combine: str, a: Tensor, b: Tensor) -> Tensor:
+    if combine == "concat":
+        return torch.cat([a, b], dim=1)
+    return a + b if combine == "add" else a - b
+
+
+def _normalize(z: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    invstd = torch.rsqrt(var + eps)
+    xhat = (z.to(F32) - _bc(mean)) * _bc(invstd)
+    return xhat, xhat * _bc(weight.to(F32)) + _bc(bias.to(F32)), invstd
+
+
+def epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,
+                       phi, psi):
+    var, mean = torch.var_mean(z.to(F32), dim=(0, 2, 3), correction=0)
+    _, y, _ = _normalize(z, mean, var, weight, bias, eps)
+    u = _phi(phi, y[:, :c_lp])
+    if y.shape[1] == c_lp:
+        out = _qa(a_quant, a_bits, u, step)
+    else:
+        fv = _phi(psi, y[:, c_lp:]) * f.to(F32)
+        if scheme == 2:
+            out = _combine(combine, _qa(a_quant, a_bits, u, step), fv)
+        else:
+            out = _qa(a_quant, a_bits, _combine(combine, u, fv), step)
+    return out.to(z.dtype), mean, var
+
+
+def epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
+                       a_quant, a_bits, phi, psi):
+    g = grad.to(F32)
+    xhat, y, invstd = _normalize(z, mean, var, weight, bias, eps)
+    y1 = y[:, :c_lp]
+    u = _phi(phi, y1)
+    fp = y.shape[1] > c_lp
+    ff = f.to(F32)
+    if not fp:
+        gu, ds = _qa_backward(a_quant, a_bits, u, g, step)
+    else:
+        y2 = y[:, c_lp:]
+        v = _phi(psi, y2)
+        if scheme == 2:
+            ga, gv = (g[:, :c_lp], g[:, c_lp:]) if combine == "concat" else (g, g if combine == "add" else -g)
+            gu, ds = _qa_backward(a_quant, a_bits, u, ga, step)
+        else:
+            gs, ds = _qa_backward(a_quant, a_bits, _combine(combine, u, v * ff), g, step)
+            gu, gv = (gs[:, :c_lp], gs[:, c_lp:]) if combine == "concat" else (gs, gs if combine == "add" else -gs)
+        gv = gv * ff
+        m2 = _phi_mask(psi, y2)
+        gy2 = gv if m2 is None else torch.where(m2, gv, 0.0)
+    m1 = _phi_mask(phi, y1)
+    gy = gu if m1 is None else torch.where(m1, gu, 0.0)
+    if fp:
+        gy = torch.cat([gy, gy2], dim=1)
+    count = z.numel() // z.shape[1]
+    sum_g = gy.sum(dim=(0, 2, 3))
+    sum_gx = (gy * xhat).sum(dim=(0, 2, 3))
+    scale = weight.to(F32) * invstd
+    dz = _bc(scale) * (gy - _bc(sum_g / count) - xhat * _bc(sum_gx / count))
+    dstep = ds if ds is not None else torch.zeros((), dtype=F32, device=z.device)
+    return dz.to(z.dtype), sum_gx.to(weight.dtype), sum_g.to(bias.dtype), dstep
+
+
+# --------------------------------------------------------------------------- kernel choice
+
+def _cpp_ready() -> bool:
+    return _ext.has_kernel("block_epilogue_fwd", "CPU")
+
+
+def _kernels(z: Tensor):
+    """(forward, backward) kernels for z's device and dtype."""
+    try:
+        name = backends.select(z.device, z.dtype).__name__.rsplit(".", 1)[-1]
+    except backends.BackendError:
+        name = "reference"
+    if name == "cpu" and z.device.type == "cpu" and _cpp_ready():
+        from expcuda.nn import cpp_epilogue
+        return cpp_epilogue.forward, cpp_epilogue.backward
+    if name in ("triton", "cuda"):
+        from expcuda.nn import triton_epilogue
+        if triton_epilogue.available():
+            return triton_epilogue.forward, triton_epilogue.backward
+    return epilogue_fwd_torch, epilogue_bwd_torch
+
+
+# --------------------------------------------------------------------------- the custom ops
+
+@torch.library.custom_op("expcuda::block_epilogue", mutates_args=())
+def block_epilogue(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
+                   c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,
+                   phi: str, psi: str) -> tuple[Tensor, Tensor, Tensor]:
+    z = z.contiguous()
+    fwd, _ = _kernels(z)
+    return fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi)
+
+
+@block_epilogue.register_fake
+def _(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi):
+    n, c, h, w = z.shape
+    out = z.new_empty((n, out_channels(c, c_lp, combine), h, w))
+    return out, z.new_empty((c,), dtype=F32), z.new_empty((c,), dtype=F32)
+
+
+@torch.library.custom_op("expcuda::block_epilogue_backward", mutates_args=())
+def block_epilogue_backward(grad: Tensor, z: Tensor, weight: Tensor, bias: Tensor, f: Tensor,
+                            step: Optional[Tensor], mean: Tensor, var: Tensor, c_lp: int, eps: float,
+                            scheme: int, combine: str, a_quant: str, a_bits: int, phi: str,
+                            psi: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad, z = grad.contiguous(), z.contiguous()
+    _, bwd = _kernels(z)
+    return bwd(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+               a_bits, phi, psi)
+
+
+@block_epilogue_backward.register_fake
+def _(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits, phi,
+      psi):
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias), z.new_empty((), dtype=F32))
+
+
+def _setup(ctx, inputs, output):
+    z, weight, bias, f, step, *rest = inputs
+    _, mean, var = output
+    ctx.save_for_backward(z, weight, bias, f, step, mean, var)
+    ctx.rest = rest
+    ctx.has_step = step is not None
+
+
+def _backward(ctx, grad, _gmean, _gvar):
+    z, weight, bias, f, step, mean, var = ctx.saved_tensors
+    dz, dw, db, ds = block_epilogue_backward(grad, z, weight, bias, f, step if ctx.has_step else None,
+                                             mean, var, *ctx.rest)
+    dstep = ds.to(step.dtype).reshape(step.shape) if ctx.has_step else None
+    return (dz, dw, db, None, dstep) + (None,) * len(ctx.rest)
+
+
+block_epilogue.register_autograd(_backward, setup_context=_setup)

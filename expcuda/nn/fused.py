@@ -1,0 +1,58 @@
+"""The fused path of the expanded block: one convolution, one epilogue.
+
+The LP and FP weights are stacked along the output channels, so the input is
+read by a single convolution (forward and both backward convolutions), and
+``expcuda::block_epilogue`` does BN, ``phi``, ``Qa``, ``psi``, ``f`` and the
+combine.  The folded variant convolves once with ``Qw(W1) +- f*W2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from expcuda.nn import epilogue
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What F.batch_norm does to the running statistics in training mode (unbiased variance)."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    bn.num_batches_tracked.add_(1)
+    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+    bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
+
+
+def lp_tail(block, z: Tensor) -> Tensor:
+    """BN, phi and Qa of the LP branch alone (plain LP block, folded block)."""
+    return block.aq(block.lp_bn(z))
+
+
+def forward(block, x: Tensor, extra: bool) -> Tensor:
+    wq = block.lp_weight(extra)
+    w2 = block.fp_weight(extra).to(wq.dtype)
+    if block.fold:
+        f = block.f.to(wq.dtype)
+        return lp_tail(block, block.conv(x, wq + f * w2 if block.combine == "add" else wq - f * w2))
+    if block.lp_conv.groups == 1:
+        z = block.conv(x, torch.cat([wq, w2], dim=0))
+    else:  # stacking would mix the groups: two convolutions, one epilogue
+        z = torch.cat([block.conv(x, wq), block.conv(x, w2)], dim=1)
+    lp_bn, fp_bn = block.lp_bn, block.fp_bn
+    if block.training or not lp_bn.track_running_stats:
+        weight = torch.cat([lp_bn.weight, fp_bn.weight])
+        bias = torch.cat([lp_bn.bias, fp_bn.bias])
+        step = block.aq.step if block.aq.kind == "lsq" else None
+        out, mean, var = epilogue.block_epilogue(
+            z, weight, bias, block.f, step, block.out_channels, float(lp_bn.eps), block.scheme,
+            block.combine, block.aq.kind, block.aq.bits, block.aq.phi, block.fp_activation)
+        if block.training:
+            count = z.numel() // z.shape[1]
+            c = block.out_channels
+            update_running_stats(lp_bn, mean[:c], var[:c], count)
+            update_running_stats(fp_bn, mean[c:], var[c:], count)
+        return out
+    raise RuntimeError("the fused epilogue serves batch statistics only; eval uses the reference")

@@ -1,0 +1,128 @@
+"""Weight and activation quantizers as modules, so learned scales live in the block's state.
+
+The activation module is ``phi`` then ``Qa`` of the paper (Figure 2); which
+``phi`` goes with which quantizer is a choice documented in ``ACTIVATIONS``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from expcuda import quant
+
+W_QUANTS = ("dorefa", "xnor", "syq", "lsq")
+A_QUANTS = ("dorefa", "sign", "lsq", "none")
+FP_ACTIVATIONS = (None, "none", "relu", "clip")
+
+#: ``phi`` (the LP branch's nonlinearity before ``Qa``) per ``a_quant``:
+#: dorefa: clip to [0, 1] (DoReFa-Net's own activation: BN, then the quantizer's
+#:         clip; there is no separate ReLU). In scheme 2 clip-then-quantize is the
+#:         DoReFa quantizer itself, forward and STE backward.
+#: sign:   identity (BNN / XNOR-Net: BN, then sign with the hardtanh STE).
+#: lsq:    ReLU, then unsigned LSQ (which clips to [0, Qp*s] anyway).
+#: none:   ReLU, no quantizer (full-precision activations).
+ACTIVATIONS = {"dorefa": "clip", "sign": "identity", "lsq": "relu", "none": "relu"}
+
+
+def check_choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+
+
+def check_bits(name: str, bits, lo: int, hi: int, extra=()) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (lo <= bits <= hi or bits in extra):
+        allowed = f"an int in {lo}..{hi}" + "".join(f" or {e}" for e in extra)
+        raise ValueError(f"{name} must be {allowed}, got {bits!r}")
+
+
+def apply_phi(kind: str, y: Tensor) -> Tensor:
+    """The elementwise nonlinearity ``phi`` / ``psi`` by name, with torch's own autograd."""
+    if kind == "clip":
+        return torch.clamp(y, 0.0, 1.0)
+    if kind == "relu":
+        return torch.relu(y)
+    return y
+
+
+class WeightQuantizer(nn.Module):
+    """``Qw``: dorefa (k bits), xnor (binary, per-filter scale), syq (learned scales), lsq (learned step)."""
+
+    def __init__(self, kind: str, bits: int, kernel_size: tuple[int, int], *,
+                 eta: float | None = None, granularity: str = "pixel"):
+        super().__init__()
+        check_choice("w_quant", kind, W_QUANTS)
+        self.kind, self.bits = kind, bits
+        if kind == "dorefa":
+            check_bits("w_bits", bits, 1, 8)
+        elif kind == "syq":
+            check_bits("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
+            check_choice("w_granularity", granularity, ("pixel", "row", "layer"))
+            self.eta = float(eta if eta is not None else (0.0 if bits == 1 else 0.05))
+            if not 0.0 <= self.eta < 1.0:
+                raise ValueError(f"w_eta must be in [0, 1), got {eta!r}")
+            self.granularity = granularity
+            shape = {"pixel": tuple(kernel_size), "row": (kernel_size[0],), "layer": ()}[granularity]
+            self.scales = nn.Parameter(torch.ones(shape))
+        elif kind == "lsq":
+            check_bits("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
+            self.step = nn.Parameter(torch.ones(()))
+        # xnor: binary by definition, w_bits is not used
+
+    @torch.no_grad()
+    def init_from(self, w: Tensor) -> None:
+        """Data-dependent initial scales (SYQ: mean|w|; LSQ: 2*mean|w|/sqrt(Qp), as in the LSQ paper)."""
+        mean_abs = w.detach().abs().mean().clamp_min(1e-8).float()
+        if self.kind == "syq":
+            self.scales.fill_(mean_abs)
+        elif self.kind == "lsq":
+            self.step.fill_(2 * mean_abs / math.sqrt(2 ** (self.bits - 1) - 1))
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.kind == "dorefa":
+            return quant.dorefa_weight(w, self.bits)
+        if self.kind == "xnor":
+            return quant.xnor_weight(w)
+        if self.kind == "syq":
+            return quant.syq_weight(w, self.scales.to(w.dtype), self.eta, self.granularity)
+        return quant.lsq(w, self.step.to(w.dtype), self.bits, signed=True)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, bits={self.bits}"
+
+
+class ActivationQuantizer(nn.Module):
+    """``Qa`` (and its ``phi``, see ``ACTIVATIONS``); ``activation=False`` makes it the identity."""
+
+    def __init__(self, kind: str, bits: int, activation: bool = True):
+        super().__init__()
+        check_choice("a_quant", kind, A_QUANTS)
+        if not activation and kind != "none":
+            raise ValueError(f"a_quant must be 'none' when activation=False (the block ends at its "
+                             f"BatchNorm), got {kind!r}")
+        self.kind, self.bits, self.activation = kind, bits, activation
+        if kind == "dorefa":
+            check_bits("a_bits", bits, 1, 8, extra=(32,))
+        elif kind == "lsq":
+            check_bits("a_bits", bits, 1, 8)
+            # covers [0, 2] at the start: post-BN activations rarely go further
+            self.step = nn.Parameter(torch.full((), 2.0 / (2**bits - 1)))
+        self.phi = ACTIVATIONS[kind] if activation else "identity"
+
+    def quantize(self, u: Tensor) -> Tensor:
+        """``Qa`` alone (u already went through ``phi``)."""
+        if self.kind == "dorefa":
+            return torch.clamp(u, 0.0, 1.0) if self.bits == 32 else quant.dorefa_activation(u, self.bits)
+        if self.kind == "sign":
+            return quant.sign_activation(u)
+        if self.kind == "lsq":
+            return quant.lsq(u, self.step.to(u.dtype), self.bits, signed=False)
+        return u
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.quantize(apply_phi(self.phi, y))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, bits={self.bits}, phi={self.phi}"
