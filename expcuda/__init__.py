@@ -9,3 +9,8 @@ __version__ = "0.1.0"
 from expcuda.nn import ExpandedConv2d, LowPrecisionConv2d  # noqa: E402
 
 __all__ += ["ExpandedConv2d", "LowPrecisionConv2d"]
+
+from expcuda import decay  # noqa: E402
+from expcuda.nn import collapse, expand  # noqa: E402
+
+__all__ += ["expand", "collapse", "decay"]

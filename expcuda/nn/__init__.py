@@ -3,3 +3,7 @@
 from expcuda.nn.block import ExpandedConv2d, LowPrecisionConv2d
 
 __all__ = ["ExpandedConv2d", "LowPrecisionConv2d"]
+
+from expcuda.nn.expand import ConcatInput, collapse, expand  # noqa: E402
+
+__all__ += ["expand", "collapse", "ConcatInput"]
