@@ -1,0 +1,78 @@
+"""The ``expcuda`` command: ``expcuda train ...`` and ``expcuda compare ...``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+USAGE = """expcuda <command> [flags]
+
+commands:
+  train     train one network (EXP-Net by default; --baseline, --full-precision)
+  compare   train the baseline and EXP-Net (and --full-precision) with the same seeds, print the table
+
+'expcuda <command> --help' lists the flags."""
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    from expcuda.train.args import add_train_flags
+    p = argparse.ArgumentParser(prog="expcuda compare", description="Baseline vs EXP-Net (vs full precision) "
+                                "with the same seeds: mean ± std of the final test accuracy, the difference, "
+                                "epoch time; one run folder each, comparison.md and curves.png.")
+    add_train_flags(p, modes=False)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per network, from --seed on (default 1)")
+    p.add_argument("--full-precision", action="store_true", help="also train the full-precision network")
+    return p
+
+
+def main_compare(argv) -> int:
+    from expcuda.data import DataError
+    from expcuda.train import compare
+    from expcuda.train.args import overrides
+    from expcuda.train.checkpoint import CheckpointError
+    from expcuda.train.config import TrainConfig
+    from expcuda.train.export import CollapseMismatch
+    from expcuda.train.stop import Interrupted
+
+    ns = compare_parser().parse_args(argv)
+    values = overrides(ns)
+    values.pop("resume", None)
+    values["out"] = values.get("out") or f"runs/compare-{ns.preset}"
+    start = time.time()
+    try:
+        base = TrainConfig.from_preset(ns.preset, **values)
+        results = compare.run_all(base, ns.seeds, ns.full_precision)
+        text = compare.report(base, results, ns.seeds, "expcuda compare " + shlex.join(argv), time.time() - start)
+    except Interrupted as exc:
+        print(f"\n{exc}; run the same compare command again to continue", file=sys.stderr)
+        return 130
+    except CollapseMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + text)
+    print(f"comparison: {base.out}/comparison.md, curves: {base.out}/curves.png")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from expcuda.train.cli import main_train
+        return main_train(rest)
+    if command == "compare":
+        return main_compare(rest)
+    print(f"expcuda: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

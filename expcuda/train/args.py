@@ -1,0 +1,89 @@
+"""The flags of ``expcuda train`` (and ``python -m expcuda.train``): each overrides the preset."""
+
+from __future__ import annotations
+
+import argparse
+
+from expcuda import models
+from expcuda.train.config import TrainConfig
+from expcuda.train.presets import PRESETS
+
+DECAY_HELP = ("decay length: whole epochs ('30'), or a fraction of training ('0.25' or '25%%'); "
+              "for exponential decay, the width of one stair")
+
+
+def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
+    p.add_argument("--preset", choices=tuple(PRESETS), default="fmnist",
+                   help="the recipe the other flags override (default: fmnist)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=models.ARCHS)
+    g.add_argument("--width", type=float, help="channel multiplier (the paper's 1, 0.5, 0.25, 0.125)")
+    g.add_argument("--w-quant", choices=("dorefa", "xnor", "syq", "lsq"))
+    g.add_argument("--w-bits", type=int)
+    g.add_argument("--a-quant", choices=("dorefa", "sign", "lsq", "none"))
+    g.add_argument("--a-bits", type=int)
+    g.add_argument("--scheme", type=int, choices=(1, 2))
+    g.add_argument("--combine", choices=("add", "sub", "concat"))
+    g.add_argument("--fp-ratio", type=float, help="FP branch width / out_channels (concat only; Cat*x = 1/x)")
+    g.add_argument("--fp-activation", choices=("none", "relu", "clip"))
+    g.add_argument("--expand-layers", help="LP layers to expand, from 1: 'all', '456', '10,11,12'")
+    if modes:
+        mode = g.add_mutually_exclusive_group()
+        mode.add_argument("--baseline", action="store_true", help="train the plain low-precision network")
+        mode.add_argument("--full-precision", action="store_true", help="train the full-precision network")
+    g = p.add_argument_group("decay of f")
+    g.add_argument("--decay", choices=("cosine", "exponential"))
+    g.add_argument("--decay-steps", help=DECAY_HELP)
+    g.add_argument("--decay-rate", type=float, help="exponential decay's rate (default 0.5)")
+    g.add_argument("--decay-threshold", type=float, help="exponential decay: f below this becomes 0 (0.001)")
+    g.add_argument("--async-decay", help="comma list of decay lengths for the last expanded layers, e.g. 30,50,80")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adam", "sgd"))
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch size (split over DDP ranks)")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data-dir", help="data folder (default for fmnist: Debian's dataset-fashion-mnist)")
+    g.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
+    g.add_argument("--limit-test", type=int, metavar="N", help="test on the first N images only")
+    g.add_argument("--out", help="run folder (default runs/<preset>-<mode>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--workers", type=int, help="image-decoding processes (ImageNet folders)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines stay)")
+
+
+def overrides(ns: argparse.Namespace, skip=()) -> dict:
+    """The flags given, as TrainConfig fields (None for the ones left to the preset)."""
+    keys = ("model", "width", "w_quant", "w_bits", "a_quant", "a_bits", "scheme", "combine", "fp_ratio",
+            "fp_activation", "expand_layers", "decay", "decay_steps", "decay_rate", "decay_threshold",
+            "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "seed", "data_dir",
+            "limit_train", "limit_test", "out", "threads", "workers")
+    values = {k: getattr(ns, k, None) for k in keys if k not in skip}
+    if getattr(ns, "async_decay", None):
+        values["async_decay"] = [s.strip() for s in ns.async_decay.split(",") if s.strip()]
+    if getattr(ns, "baseline", False):
+        values["mode"] = "lp"
+    if getattr(ns, "full_precision", False):
+        values["mode"] = "fp"
+    values["resume"] = bool(getattr(ns, "resume", False))
+    values["progress"] = not getattr(ns, "no_progress", False)
+    return values
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    values = overrides(ns)
+    mode = values.get("mode", "exp")
+    if values.get("out") is None:
+        values["out"] = f"runs/{ns.preset}-{mode}"
+    return TrainConfig.from_preset(ns.preset, **values)
+
+
+def parser(prog: str = "expcuda train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a low-precision CNN, EXP-Net by default, "
+                                "with a preset recipe every flag can override.")
+    add_train_flags(p)
+    return p

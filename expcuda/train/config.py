@@ -1,0 +1,141 @@
+"""TrainConfig: one run's every knob (preset defaults overridden by flags), with validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from expcuda.models import ModelConfig
+from expcuda.train.presets import PRESETS
+
+# Fields that may differ between a run and its resumption: where things are, not what is trained.
+NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``batch_size`` is global (split over DDP ranks); see ``decay_epochs``."""
+
+    preset: str = "fmnist"
+    dataset: str = "fmnist"
+    data_dir: Optional[str] = None
+    model: str = "svhn_net"
+    width: float = 0.25
+    mode: str = "exp"  # exp (EXP-Net), lp (the baseline), fp (full precision)
+    w_quant: str = "dorefa"
+    w_bits: int = 2
+    a_quant: str = "dorefa"
+    a_bits: int = 2
+    scheme: int = 2
+    combine: str = "add"
+    fp_ratio: float = 1.0
+    fp_activation: Optional[str] = None
+    expand_layers: str = "all"
+    decay: str = "cosine"
+    decay_steps: str = "40%"
+    decay_rate: float = 0.5
+    decay_threshold: float = 0.001
+    async_decay: Optional[list] = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    milestones: tuple = (0.5,)
+    lr_factor: float = 0.2
+    epochs: int = 4
+    batch_size: int = 128
+    seed: int = 0
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    out: str = "runs/train"
+    resume: bool = False
+    progress: bool = True
+    threads: Optional[int] = None
+    workers: int = 2
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        values = {**PRESETS[preset], "preset": preset}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.decay not in ("cosine", "exponential"):
+            raise ValueError(f"decay must be 'cosine' or 'exponential', got {self.decay!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 < self.decay_rate < 1:
+            raise ValueError(f"decay_rate must be in (0, 1), got {self.decay_rate!r}")
+        if not 0 < self.decay_threshold < 1:
+            raise ValueError(f"decay_threshold must be in (0, 1), got {self.decay_threshold!r}")
+        self.decay_epochs(self.decay_steps)
+        for steps in self.async_decay or ():
+            self.decay_epochs(steps)
+        self.model_config(10, 1)  # model options are checked by ModelConfig
+
+    def decay_epochs(self, spec) -> float:
+        """A decay length in epochs from "N" (epochs), "0.3" or "30%" (a fraction of training)."""
+        text = str(spec).strip()
+        try:
+            if text.endswith("%"):
+                value = float(text[:-1]) / 100 * self.epochs
+            elif "." in text:
+                value = float(text) * self.epochs
+                if not 0 < float(text) <= 1:
+                    raise ValueError
+            else:
+                value = float(int(text))
+        except ValueError:
+            raise ValueError(f"decay steps must be whole epochs ('30'), or a fraction of training "
+                             f"('0.25' or '25%'), got {spec!r}") from None
+        if not value > 0:
+            raise ValueError(f"decay steps must be positive, got {spec!r}")
+        return value
+
+    def model_config(self, num_classes: int, in_channels: int) -> ModelConfig:
+        return ModelConfig(arch=self.model, width=self.width, num_classes=num_classes, in_channels=in_channels,
+                           mode=self.mode, expand_layers=self.expand_layers, w_quant=self.w_quant,
+                           w_bits=self.w_bits, a_quant=self.a_quant, a_bits=self.a_bits, scheme=self.scheme,
+                           combine=self.combine, fp_ratio=self.fp_ratio, fp_activation=self.fp_activation)
+
+    def lr_milestones(self) -> list[int]:
+        """Epochs at which the LR is multiplied by ``lr_factor``."""
+        return sorted({max(1, round(m * self.epochs)) for m in self.milestones if round(m * self.epochs) < self.epochs})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    def identity(self) -> dict:
+        """What must match for ``--resume`` to continue the same run."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+    def replace(self, **changes) -> "TrainConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+
+def steps_until_zero(kind: str, decay_steps: int, rate: float, threshold: float) -> int:
+    """The first step at which the schedule's f is exactly 0."""
+    if kind == "cosine":
+        return decay_steps
+    stairs = math.floor(math.log(threshold) / math.log(rate)) + 1  # first k with rate**k < threshold
+    while rate ** stairs >= threshold:
+        stairs += 1
+    return stairs * decay_steps
+
+
+__all__ = ["TrainConfig", "steps_until_zero"]

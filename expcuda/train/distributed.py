@@ -1,0 +1,80 @@
+"""DDP plumbing: the process group from torchrun's environment, and the few collectives we need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        backend, device = "nccl", torch.device("cuda", local)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local, device)
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(d: Dist, values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64, so counts stay exact)."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(d: Dist, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a stop request seen by one rank stops all)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def spread(d: Dist, values: list[float]) -> float:
+    """max - min over ranks of each value, the largest: 0 when every rank agrees."""
+    if not d.enabled:
+        return 0.0
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    hi, lo = t.clone(), t.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max()) if t.numel() else 0.0
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
