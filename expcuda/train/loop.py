@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,8 @@ class Run:
             self._restore(saved)
         self.net = self.model
         if d.enabled:  # f == 0 skips the FP branches: their parameters then get no gradient
+            # a 1-input-channel conv's grad has size-1-dim strides DDP warns about, harmlessly
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.net = DistributedDataParallel(self.model, find_unused_parameters=self.decay is not None)
         self.progress = Progress(d.main, cfg.progress)
 
@@ -173,12 +176,16 @@ class Run:
         # at f = 0 the expanded model is the LP one: one evaluation serves both columns
         row.update(evaluate_both(self.model, self.test_loader, self.d, self.decay is not None and row["f"] > 0))
         row["epoch_time"] = sums[4]
-        if self.d.enabled and self.decay is not None:
-            spread = distributed.spread(self.d, [row["f"]])
+        if self.d.enabled:  # every rank must hold the same f and the same weights
+            checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
+            spread = distributed.spread(self.d, [row["f"], checksum])
             if spread != 0:
-                raise RuntimeError(f"f differs between DDP ranks by {spread}: the decay went out of step")
+                raise RuntimeError(f"DDP ranks disagree on f or the weights (spread {spread}) after epoch "
+                                   f"{self.epoch + 1}")
         self.history.append(row)
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():  # resumed at an epoch's end: no optimizer.step() in this process yet
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.lr_scheduler.step()
         self.epoch, self.batch, self.partial = self.epoch + 1, 0, [0.0] * 5
         self.progress.log(epoch_line(row, self.cfg.epochs, self.decay is not None))
         if self.d.main:
