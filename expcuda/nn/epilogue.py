@@ -158,7 +158,11 @@ def epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, sch
 # --------------------------------------------------------------------------- kernel choice
 
 def _cpp_ready() -> bool:
-    return _ext.has_kernel("block_epilogue_fwd", "CPU")
+    """Whether ``expcuda._C`` was built with ``csrc/cpu/block_cpu.cpp``."""
+    try:
+        return _ext.has_kernel("block_epilogue_fwd", "CPU")
+    except RuntimeError:  # an older build: the schema is not registered at all
+        return False
 
 
 def _kernels(z: Tensor):

@@ -122,6 +122,9 @@ class ActivationQuantizer(nn.Module):
         return u
 
     def forward(self, y: Tensor) -> Tensor:
+        if self.kind == "dorefa" and self.bits != 32:
+            # clip-then-DoReFa is the DoReFa quantizer itself, forward and STE mask alike
+            return quant.dorefa_activation(y, self.bits)
         return self.quantize(apply_phi(self.phi, y))
 
     def extra_repr(self) -> str:
