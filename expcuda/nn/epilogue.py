@@ -18,8 +18,10 @@ plain low-precision block).  Kernels: the C++ CPU kernel
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -165,20 +167,60 @@ def _cpp_ready() -> bool:
         return False
 
 
+#: ``torch``, ``cpp`` or ``triton`` forces one epilogue kernel (the tests run each one)
+_forced_kernel: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("epilogue", default=None)
+KERNELS = ("torch", "cpp", "triton")
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Force the epilogue kernel inside the ``with`` block."""
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
+    token = _forced_kernel.set(name)
+    try:
+        yield
+    finally:
+        _forced_kernel.reset(token)
+
+
+def kernel_unavailable(name: str) -> Optional[str]:
+    """None when the epilogue kernel ``name`` can run here, else why not."""
+    if name == "cpp" and not _cpp_ready():
+        return "expcuda._C was not built with csrc/cpu/block_cpu.cpp"
+    if name == "triton":
+        from expcuda.nn import triton_epilogue
+        return triton_epilogue.unavailable()
+    return None
+
+
+def _by_name(name: str):
+    if name == "cpp":
+        from expcuda.nn import cpp_epilogue
+        return cpp_epilogue.forward, cpp_epilogue.backward
+    if name == "triton":
+        from expcuda.nn import triton_epilogue
+        return triton_epilogue.forward, triton_epilogue.backward
+    return epilogue_fwd_torch, epilogue_bwd_torch
+
+
 def _kernels(z: Tensor):
     """(forward, backward) kernels for z's device and dtype."""
+    forced = _forced_kernel.get()
+    if forced is not None:
+        reason = kernel_unavailable(forced)
+        if reason is not None:
+            raise backends.BackendError(f"epilogue kernel {forced!r} was forced: {reason}")
+        return _by_name(forced)
     try:
         name = backends.select(z.device, z.dtype).__name__.rsplit(".", 1)[-1]
     except backends.BackendError:
         name = "reference"
     if name == "cpu" and z.device.type == "cpu" and _cpp_ready():
-        from expcuda.nn import cpp_epilogue
-        return cpp_epilogue.forward, cpp_epilogue.backward
-    if name in ("triton", "cuda"):
-        from expcuda.nn import triton_epilogue
-        if triton_epilogue.available():
-            return triton_epilogue.forward, triton_epilogue.backward
-    return epilogue_fwd_torch, epilogue_bwd_torch
+        return _by_name("cpp")
+    if name in ("triton", "cuda") and kernel_unavailable("triton") is None:
+        return _by_name("triton")
+    return _by_name("torch")
 
 
 # --------------------------------------------------------------------------- the custom ops

@@ -1,0 +1,225 @@
+"""ExpandedConv2d and LowPrecisionConv2d: every fused kernel against the reference composition."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_block_support import KERNELS, assert_close_to, step
+from expcuda import use_backend
+from expcuda.nn import ExpandedConv2d, LowPrecisionConv2d, epilogue
+
+SHAPE = (4, 4, 6, 6)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(in_channels=4, out_channels=6, kernel_size=3, padding=1)
+    opts.update(kw)
+    block = ExpandedConv2d(**opts)
+    with torch.no_grad():  # BN affine parameters away from their 1/0 defaults
+        for bn in (block.lp_bn, block.fp_bn):
+            if bn is not None:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.3, 0.3)
+    block.set_f(0.6)
+    return block
+
+
+def inputs(seed=0, dtype=torch.float32, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed + 100)
+    return torch.rand(shape, generator=g).to(dtype)
+
+
+def permuted_reference(block, x):
+    """The reference with the batch reversed and the results put back: its rounding differs."""
+    perm = torch.arange(x.shape[0] - 1, -1, -1)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    res = {}
+    block.zero_grad(set_to_none=True)
+    xp = x[perm].detach().clone().requires_grad_(True)
+    with use_backend("reference"):
+        y = block(xp)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        y.backward(g[perm])
+    res["out"] = y.detach()[perm]
+    res["x.grad"] = xp.grad[perm]
+    for name, p in block.named_parameters():
+        res[f"{name}.grad"] = p.grad
+    block.load_state_dict(before)
+    return res
+
+
+def check_block(block, x, kernel, factor=4.0):
+    truth = step(block, x, mode="reference")
+    noise = permuted_reference(block, x)
+    noise.update({k: v for k, v in truth.items() if "running" in k})
+    got = step(block, x, kernel=kernel)
+    assert_close_to(got, truth, noise, factor=factor, floor=64 * torch.finfo(x.dtype).eps, what=kernel)
+
+
+QUANT = list(itertools.product((1, 2), ("add", "sub", "concat"), ("dorefa", "sign", "lsq", "none"),
+                               ("dorefa", "xnor", "syq", "lsq")))
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("scheme,combine,a_quant,w_quant", QUANT)
+def test_fused_matches_reference(kernel, scheme, combine, a_quant, w_quant):
+    block = make(scheme=scheme, combine=combine, a_quant=a_quant, w_quant=w_quant,
+                 fp_ratio=0.5 if combine == "concat" else 1.0).train()
+    check_block(block, inputs(), kernel)
+
+
+GEOMETRY = [
+    dict(stride=2),
+    dict(padding=0),
+    dict(dilation=2, padding=2),
+    dict(groups=2),
+    dict(groups=2, combine="concat", fp_ratio=1 / 3),
+    dict(pool=nn.MaxPool2d(2)),
+    dict(pool=nn.AvgPool2d(2), scheme=1, combine="concat", fp_ratio=1.5),
+    dict(fp_activation="relu"),
+    dict(fp_activation="clip", scheme=1),
+    dict(a_bits=32),
+    dict(a_bits=1, w_bits=1),
+    dict(a_bits=4, w_bits=4, combine="sub"),
+    dict(kernel_size=1, padding=0, combine="concat", fp_ratio=0.25),
+    dict(w_quant="syq", w_bits=2, w_granularity="row"),
+    dict(activation=False, a_quant="none"),
+]
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("opts", GEOMETRY, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fused_geometry(kernel, opts):
+    check_block(make(**opts).train(), inputs(), kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5),
+                                  dict(a_quant="lsq", w_quant="xnor", combine="sub")])
+def test_fused_low_precision_dtypes(dtype, opts):
+    """At bf16/fp16 the fused path's error vs the fp32 reference stays within the reference's own."""
+    block = make(**opts).train()
+    x = inputs(shape=(8, 4, 8, 8))  # more elements: quantization flips average out
+    truth = step(block, x, mode="reference")
+    block_lp = make(**opts).train().to(dtype)
+    base = step(block_lp, x.to(dtype), mode="reference")
+    got = step(block_lp, x.to(dtype))
+    cast = lambda d: {k: (v.float() if v is not None else None) for k, v in d.items()}  # noqa: E731
+    assert_close_to(cast(got), cast(truth), cast(base), factor=2.0, floor=0.01, what=str(dtype),
+                    pooled=True)
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5, a_quant="lsq"),
+                                  dict(combine="sub", a_quant="sign", fp_activation="relu")])
+def test_triton_epilogue(opts):
+    block = make(**opts).train()
+    check_block(block, inputs(shape=(2, 4, 4, 4)), "triton")
+
+
+def test_f_zero_skips_fp_branch():
+    block = make().train()
+    block.set_f(0.0)
+    res = step(block, inputs())
+    assert res["fp_conv.weight.grad"] is None and res["fp_bn.weight.grad"] is None
+    plain = LowPrecisionConv2d(4, 6, 3, padding=1)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items()
+                           if not k.startswith(("fp_", "f"))})
+    ref = step(plain, inputs())
+    assert torch.equal(res["out"], ref["out"]) and torch.equal(res["x.grad"], ref["x.grad"])
+
+
+def test_f_zero_concat_pads_zeros():
+    block = make(combine="concat", fp_ratio=0.5).eval()
+    block.set_f(0.0)
+    y = block(inputs())
+    assert y.shape[1] == 6 + 3 and torch.count_nonzero(y[:, 6:]) == 0
+
+
+def test_expand_false_is_plain_block():
+    block = make(expand=False).train()
+    assert block.fp_conv is None
+    plain = LowPrecisionConv2d(4, 6, 3, padding=1)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if k != "f"})
+    a, b = step(block, inputs()), step(plain, inputs())
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_state_dict_round_trip():
+    block = make(w_quant="lsq", a_quant="lsq", combine="concat", fp_ratio=0.5).train()
+    block.set_f(0.25)
+    step(block, inputs())
+    state = block.state_dict()
+    assert float(state["f"]) == 0.25
+    other = make(seed=5, w_quant="lsq", a_quant="lsq", combine="concat", fp_ratio=0.5)
+    other.load_state_dict(state)
+    assert float(other.f) == 0.25 and not other.f_is_zero
+    block.eval(), other.eval()
+    assert torch.equal(block(inputs()), other(inputs()))
+    block.set_f(0.0)
+    other.load_state_dict(block.state_dict())
+    assert other.f_is_zero
+
+
+def test_learned_quantizer_parameters_train():
+    block = make(w_quant="syq", a_quant="lsq").train()
+    res = step(block, inputs())
+    assert res["wq.scales.grad"].abs().sum() > 0 and res["aq.step.grad"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(w_quant="ternary"), "w_quant"), (dict(a_quant="relu"), "a_quant"),
+    (dict(combine="mul"), "combine"), (dict(scheme=3), "scheme"),
+    (dict(fp_ratio=0.0), "fp_ratio"), (dict(fp_ratio=-1.0, combine="concat"), "fp_ratio"),
+    (dict(fp_ratio=0.5), "fp_ratio"), (dict(groups=4, out_channels=6), "groups"),
+    (dict(groups=3), "groups"), (dict(fp_activation="tanh"), "fp_activation"),
+    (dict(fold=True), "fold"), (dict(w_bits=9), "w_bits"), (dict(a_bits=0), "a_bits"),
+    (dict(combine="concat", fp_ratio=0.25, groups=2, out_channels=4), "groups"),
+])
+def test_bad_arguments(kwargs, name):
+    opts = dict(in_channels=4, out_channels=6, kernel_size=3)
+    opts.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        ExpandedConv2d(**opts)
+
+
+def test_bad_f_and_input():
+    block = make()
+    with pytest.raises(ValueError, match="f must be in"):
+        block.set_f(1.5)
+    with pytest.raises(ValueError, match="f must be in"):
+        block.set_f(-0.1)
+    with pytest.raises(ValueError, match=r"input must have shape \(N, 4, H, W\)"):
+        block(torch.rand(2, 5, 6, 6))
+    with pytest.raises(ValueError, match="input"):
+        block(torch.rand(5, 6, 6))
+
+
+def test_opcheck_epilogue():
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 3, 3, requires_grad=True)
+    w = torch.rand(6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    step_ = torch.tensor(0.3, requires_grad=True)
+    for args in ((3, 1e-5, 2, "add", "dorefa", 2, "clip", "identity"),
+                 (4, 1e-5, 1, "concat", "lsq", 2, "relu", "relu")):
+        torch.library.opcheck(epilogue.block_epilogue,
+                              (z, w, b, torch.tensor(0.5), step_ if args[4] == "lsq" else None) + args)
+
+
+def test_torch_compile_matches_eager():
+    block = make(combine="concat", fp_ratio=0.5, a_quant="lsq").train()
+    eager = step(block, inputs())
+    compiled = torch.compile(block, backend="aot_eager")
+    x = inputs().requires_grad_(True)
+    y = compiled(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(y, eager["out"])
+    torch.testing.assert_close(x.grad, eager["x.grad"])
+    torch.testing.assert_close(block.aq.step.grad, eager["aq.step.grad"])
