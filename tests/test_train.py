@@ -131,3 +131,20 @@ def test_cli_baseline_with_exponential_flags(tmp_path, capsys):
     assert "epoch 1/1" in printed and "img/s, data wait" in printed
     code = main_train(["--decay", "exponential", "--decay-steps", "1", "--epochs", "1", "--out", str(tmp_path / "x")])
     assert code == 2 and "would not reach f = 0" in capsys.readouterr().err
+
+
+def test_imagenet_folders_train_with_top5(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    for split, count in (("train", 4), ("val", 2)):
+        for c, cls in enumerate(("n01", "n02", "n03")):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.full((60, 80, 3), 60 * c + 10 * i, dtype=torch.uint8).numpy()
+                image.fromarray(pixels).save(tmp_path / "data" / split / cls / f"{i}.JPEG")
+    cfg = TrainConfig.from_preset("imagenet", data_dir=str(tmp_path / "data"), model="resnet18", width=0.0625,
+                                  batch_size=4, epochs=1, workers=0, out=str(tmp_path / "run"), progress=False,
+                                  decay_steps="100%")
+    summary = train(cfg)
+    rows = metrics.read_csv(tmp_path / "run" / "metrics.csv")
+    assert rows[0]["test_top5"] == 100.0  # 3 classes: the top 5 always hold the label
+    assert summary["collapsed_test_acc"] == summary["final_test_acc"]

@@ -46,6 +46,16 @@ def run_all(base: TrainConfig, seeds: int, with_fp: bool, train_fn=None, log=pri
     return results
 
 
+def read_steps(path: str) -> list[tuple]:
+    """Each step's (loss, f) from a run's steps.csv."""
+    return [(r["loss"], r["f"]) for r in metrics.read_csv(path)]
+
+
+def steps_per_epoch(folder: str) -> int:
+    n_steps = len(read_steps(os.path.join(folder, "steps.csv")))
+    return max(1, n_steps // len(metrics.read_csv(os.path.join(folder, "metrics.csv"))))
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -75,7 +85,9 @@ def report(base: TrainConfig, results: dict, seeds: int, command: str, wall: flo
     for mode, runs in results.items():
         groups[VARIANTS[mode]] = [metrics.read_csv(os.path.join(r["folder"], "metrics.csv")) for r in runs]
     curves = os.path.join(base.out, "curves.png")
-    plots.compare_curves(curves, groups, f"{base.model} x{base.width} W/A {base.w_bits}/{base.a_bits} "
+    exp_run = results["exp"][0]["folder"]
+    f_curve = plots.f_per_epoch(read_steps(os.path.join(exp_run, "steps.csv")), steps_per_epoch(exp_run))
+    plots.compare_curves(curves, groups, f_curve, f"{base.model} x{base.width} W/A {base.w_bits}/{base.a_bits} "
                                          f"{base.w_quant} on {base.dataset}")
     exp_model = os.path.join(results["exp"][0]["folder"], "lp_model.safetensors")
     text = "\n".join([

@@ -100,9 +100,8 @@ class Run:
         if self.decay is not None:
             self.decay.load_state_dict(s["decay"])
         self.epoch, self.batch, self.global_step = s["epoch"], s["batch"], s["global_step"]
-        # the partial epoch's sums are global; rank 0 carries them, the others restart at 0
-        self.partial = list(s["partial"]) if self.d.main else [0.0] * 5
-        self.history, self.step_loss = list(s["history"]), list(s["step_loss"])
+        self.partial = list(s["partial"])  # global sums (each step's are all-reduced)
+        self.history, self.step_loss = list(s["history"]), [tuple(v) for v in s["step_loss"]]
         torch.set_rng_state(s["torch_rng"])
 
     def save(self) -> None:
@@ -146,7 +145,7 @@ class Run:
             local = [loss.item() * y.numel(), (logits.argmax(1) == y).sum().item(), y.numel()]
             flag = float(stop.signum)
             step_sum = distributed.all_sum(self.d, local + [flag]) if self.d.enabled else local + [flag]
-            self.step_loss.append(step_sum[0] / step_sum[2])
+            self.step_loss.append((step_sum[0] / step_sum[2], build.current_f(self.model)))
             for i in range(3):
                 sums[i] += step_sum[i]
             sums[3] += got - waited
@@ -195,9 +194,9 @@ class Run:
     def write_reports(self) -> None:
         out = self.cfg.out
         metrics.write_csv(os.path.join(out, "metrics.csv"), self.history)
-        lines = "step,loss\n" + "".join(f"{i + 1},{v!r}\n" for i, v in enumerate(self.step_loss))
+        lines = "step,loss,f\n" + "".join(f"{i + 1},{loss!r},{f!r}\n" for i, (loss, f) in enumerate(self.step_loss))
         write_text(os.path.join(out, "steps.csv"), lines)
-        plots.run_curves(os.path.join(out, "curves.png"), self.history,
+        plots.run_curves(os.path.join(out, "curves.png"), self.history, self.step_loss, self.steps_per_epoch,
                          f"{self.cfg.model} x{self.cfg.width} {self.model_cfg.mode} on {self.cfg.dataset}")
 
     # ------------------------------------------------------------------ the end

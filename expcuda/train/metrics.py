@@ -22,6 +22,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def read_csv(path: str) -> list[dict]:
+    """Rows of any of our CSV files, numbers parsed."""
     with open(path) as fh:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
