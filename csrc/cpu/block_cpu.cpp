@@ -12,10 +12,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common/quant_math.h"
+
+// the 8-float vectors below only cross inlined calls, so the ABI note does not apply
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace expcuda {
 namespace {
@@ -107,21 +111,31 @@ ROW_KERNEL float row_sum(const float* x, int64_t n) {
   return s;
 }
 
-ROW_KERNEL float row_sumsq(const float* x, float m, int64_t n) {
-  float acc[kLanes] = {0.f};
+typedef float v8f_ __attribute__((vector_size(32)));
+
+// sums of d = x - m and of d^2 over a row (8-float vector lanes)
+ROW_KERNEL void row_moments(const float* x, float m, int64_t n, float& s1, float& s2) {
+  v8f_ a = {0, 0, 0, 0, 0, 0, 0, 0}, b = a, mv = a + m;
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      float d = x[k + j] - m;
-      acc[j] += d * d;
-    }
-  float s = 0.f;
+  for (; k + 8 <= n; k += 8) {
+    v8f_ v;
+    __builtin_memcpy(&v, x + k, sizeof(v));
+    v8f_ d = v - mv;
+    a += d;
+    b += d * d;
+  }
+  float s = 0.f, ss = 0.f;
   for (; k < n; ++k) {
     float d = x[k] - m;
-    s += d * d;
+    s += d;
+    ss += d * d;
   }
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
+  for (int j = 0; j < 8; ++j) {
+    s += a[j];
+    ss += b[j];
+  }
+  s1 = s;
+  s2 = ss;
 }
 
 // sum of g and of g * xhat over a row, xhat = (z - m) * is
@@ -288,9 +302,9 @@ void forward_row(const Cfg& c, const Norm& nm, int64_t c1, int64_t c2, const flo
   }
 }
 
-// dy of one output row's LP channel (into r.g1) and FP channel (into r.g2); returns LSQ's sum.
+// dy of one output row's LP channel (into d1) and FP channel (into d2); returns LSQ's sum.
 double backward_row(const Cfg& c, const Norm& nm, int64_t c1, int64_t c2, const float* z1,
-                    const float* z2, const float* g, Rows& r) {
+                    const float* z2, const float* g, Rows& r, float* d1, float* d2) {
   const int64_t n = c.hw;
   double ds = 0;
   if (c1 >= 0) {
@@ -325,9 +339,186 @@ double backward_row(const Cfg& c, const Norm& nm, int64_t c1, int64_t c2, const 
     gu = gv = r.t;
     negate = c.combine == kSub;
   }
-  if (c1 >= 0) phi_grad_row(c.phi, r.y1, gu, 1.f, false, r.g1, n);
-  if (c2 >= 0) phi_grad_row(c.psi, r.y2, gv, negate ? -c.f : c.f, true, r.g2, n);
+  if (c1 >= 0) phi_grad_row(c.phi, r.y1, gu, 1.f, false, d1, n);
+  if (c2 >= 0) phi_grad_row(c.psi, r.y2, gv, negate ? -c.f : c.f, true, d2, n);
   return ds;
+}
+
+
+// ----------------------------------------------------------------------------- fast path
+// Scheme 2 with add/sub and a_quant dorefa (k < 32), sign or none: one loop per row pair
+// does everything, on explicit 8-float vectors (GCC vector extensions: ymm registers in the
+// AVX2 clone, xmm pairs otherwise).  The masks of phi and Qa collapse into one test on y1:
+// dorefa's clip then quantize keeps 0 <= y1 <= 1, sign keeps |y1| <= 1, none keeps y1 > 0
+// after ReLU (or everything without an activation).
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+enum FastLp : int { kFastDorefa = 0, kFastSign = 1, kFastRelu = 2, kFastIdentity = 3 };
+
+#define AI __attribute__((always_inline)) inline
+AI v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+AI void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+AI v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+AI v8f select(v8i m, v8f a, v8f b) { return m ? a : b; }
+AI float hsum(v8f v) {
+  float s = 0.f;
+  for (int j = 0; j < 8; ++j) s += v[j];
+  return s;
+}
+
+// Which (phi, a_quant) pair the fast path serves, or -1.
+int fast_lp_kind(const Cfg& c) {
+  if (!c.fp || c.scheme != 2 || c.combine == kConcat) return -1;
+  if (c.aq == kDorefa && c.bits != 32 && c.phi == kClip) return kFastDorefa;
+  if (c.aq == kSign && c.phi == kIdentity) return kFastSign;
+  if (c.aq == kNone && c.phi == kRelu) return kFastRelu;
+  if (c.aq == kNone && c.phi == kIdentity) return kFastIdentity;
+  return -1;
+}
+
+struct FastConsts {  // per channel pair: {mean, invstd, w, b} of each branch, +-f, levels
+  v8f m1, i1, w1, b1, m2, i2, w2, b2, zero, one, vf, vl, magic;
+};
+
+AI void fast_consts(FastConsts& k, const float* p1, const float* p2, float fs, float lv) {
+  k.m1 = splat(p1[0]); k.i1 = splat(p1[1]); k.w1 = splat(p1[2]); k.b1 = splat(p1[3]);
+  k.m2 = splat(p2[0]); k.i2 = splat(p2[1]); k.w2 = splat(p2[2]); k.b2 = splat(p2[3]);
+  k.zero = splat(0.f); k.one = splat(1.f); k.vf = splat(fs); k.vl = splat(lv);
+  k.magic = splat(qm::kTwo23);
+}
+
+template <int LP, int PSI>
+AI v8f fast_fwd_body(const FastConsts& k, v8f za, v8f zb) {
+  v8f y1 = ((za - k.m1) * k.i1) * k.w1 + k.b1;
+  v8f a;
+  if (LP == kFastDorefa) {
+    v8f c = select(y1 <= k.zero, k.zero, y1);
+    c = select(c >= k.one, k.one, c);
+    v8f x = c * k.vl;
+    a = ((x + k.magic) - k.magic) / k.vl;  // x in [0, n]: adding 2^23 rounds half to even
+  } else if (LP == kFastSign) {
+    a = select(y1 > k.zero, k.one, k.zero) - select(y1 < k.zero, k.one, k.zero);
+  } else if (LP == kFastRelu) {
+    a = select((y1 > k.zero) | (y1 != y1), y1, k.zero);
+  } else {
+    a = y1;
+  }
+  v8f y2 = ((zb - k.m2) * k.i2) * k.w2 + k.b2;
+  v8f v;
+  if (PSI == kRelu) {
+    v = select((y2 > k.zero) | (y2 != y2), y2, k.zero);
+  } else if (PSI == kClip) {
+    v = select(y2 <= k.zero, k.zero, y2);
+    v = select(v >= k.one, k.one, v);
+  } else {
+    v = y2;
+  }
+  return a + v * k.vf;  // a - f*v computed as a + v*(-f): the same rounding
+}
+
+template <int LP, int PSI>
+AI void fast_fwd_impl(const float* z1, const float* z2, float* out, int64_t n, const float* p1,
+                      const float* p2, float fs, float lv) {
+  FastConsts k;
+  fast_consts(k, p1, p2, fs, lv);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(out + j, fast_fwd_body<LP, PSI>(k, load8(z1 + j), load8(z2 + j)));
+  if (j < n) {
+    float ta[8] = {0}, tb[8] = {0}, to[8];
+    for (int64_t t = j; t < n; ++t) { ta[t - j] = z1[t]; tb[t - j] = z2[t]; }
+    store8(to, fast_fwd_body<LP, PSI>(k, load8(ta), load8(tb)));
+    for (int64_t t = j; t < n; ++t) out[t] = to[t - j];
+  }
+}
+
+struct FastSums {
+  v8f s1, sx1, s2, sx2;
+};
+
+template <int LP, int PSI>
+AI void fast_bwd_body(const FastConsts& k, v8f za, v8f zb, v8f gv, v8f& o1, v8f& o2, FastSums& s) {
+  v8f x1 = (za - k.m1) * k.i1;
+  v8f y1 = x1 * k.w1 + k.b1;
+  v8i keep1;
+  if (LP == kFastDorefa) keep1 = (y1 >= k.zero) & (y1 <= k.one);
+  else if (LP == kFastSign) keep1 = (y1 <= k.one) & (y1 >= -k.one);
+  else if (LP == kFastRelu) keep1 = y1 > k.zero;
+  else keep1 = (y1 == y1) | (y1 != y1);
+  o1 = select(keep1, gv, k.zero);
+  v8f x2 = (zb - k.m2) * k.i2;
+  v8f y2 = x2 * k.w2 + k.b2;
+  v8f gf = gv * k.vf;
+  if (PSI == kRelu) o2 = select(y2 > k.zero, gf, k.zero);
+  else if (PSI == kClip) o2 = select((y2 >= k.zero) & (y2 <= k.one), gf, k.zero);
+  else o2 = gf;
+  s.s1 += o1;
+  s.sx1 += o1 * x1;
+  s.s2 += o2;
+  s.sx2 += o2 * x2;
+}
+
+template <int LP, int PSI>
+AI void fast_bwd_impl(const float* z1, const float* z2, const float* g, float* d1, float* d2,
+                      int64_t n, const float* p1, const float* p2, float fs, float* sums) {
+  FastConsts k;
+  fast_consts(k, p1, p2, fs, 1.f);
+  FastSums s{k.zero, k.zero, k.zero, k.zero};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8f o1, o2;
+    fast_bwd_body<LP, PSI>(k, load8(z1 + j), load8(z2 + j), load8(g + j), o1, o2, s);
+    store8(d1 + j, o1);
+    store8(d2 + j, o2);
+  }
+  if (j < n) {  // the tail, padded with g = 0 so the sums are unchanged
+    float ta[8] = {0}, tb[8] = {0}, tg[8] = {0}, t1[8], t2[8];
+    for (int64_t t = j; t < n; ++t) { ta[t - j] = z1[t]; tb[t - j] = z2[t]; tg[t - j] = g[t]; }
+    v8f o1, o2;
+    fast_bwd_body<LP, PSI>(k, load8(ta), load8(tb), load8(tg), o1, o2, s);
+    store8(t1, o1);
+    store8(t2, o2);
+    for (int64_t t = j; t < n; ++t) { d1[t] = t1[t - j]; d2[t] = t2[t - j]; }
+  }
+  sums[0] = hsum(s.s1);
+  sums[1] = hsum(s.sx1);
+  sums[2] = hsum(s.s2);
+  sums[3] = hsum(s.sx2);
+}
+
+#define FAST_DISPATCH(LPK, PSIK, CALL)                                           \
+  switch (LPK * 3 + PSIK) {                                                      \
+    case 0: CALL(0, 0); break; case 1: CALL(0, 1); break; case 2: CALL(0, 2); break; \
+    case 3: CALL(1, 0); break; case 4: CALL(1, 1); break; case 5: CALL(1, 2); break; \
+    case 6: CALL(2, 0); break; case 7: CALL(2, 1); break; case 8: CALL(2, 2); break; \
+    case 9: CALL(3, 0); break; case 10: CALL(3, 1); break; default: CALL(3, 2); break; \
+  }
+
+ROW_KERNEL void fast_fwd_row(int lp, int64_t psi, const float* z1, const float* z2, float* out,
+                             int64_t n, const float* p1, const float* p2, float fs, float lv) {
+#define CALL(A, B) fast_fwd_impl<A, B>(z1, z2, out, n, p1, p2, fs, lv)
+  FAST_DISPATCH(lp, psi, CALL)
+#undef CALL
+}
+
+ROW_KERNEL void fast_bwd_row(int lp, int64_t psi, const float* z1, const float* z2,
+                             const float* g, float* d1, float* d2, int64_t n, const float* p1,
+                             const float* p2, float fs, float* sums) {
+#define CALL(A, B) fast_bwd_impl<A, B>(z1, z2, g, d1, d2, n, p1, p2, fs, sums)
+  FAST_DISPATCH(lp, psi, CALL)
+#undef CALL
+}
+
+inline void channel_params(const Norm& nm, int64_t ch, float* p) {
+  p[0] = nm.mean[ch];
+  p[1] = nm.invstd[ch];
+  p[2] = nm.w[ch];
+  p[3] = nm.b[ch];
 }
 
 std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
@@ -344,21 +535,39 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
   // statistics: per channel, the mean, then the centered squares (float per row, double across)
   at::parallel_for(0, c.c_tot, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
-      double s = 0;
-      for (int64_t i = 0; i < c.n; ++i) s += row_sum(zp + (i * c.c_tot + ch) * c.hw, c.hw);
-      const double m = s / count;
-      const float mf = static_cast<float>(m);
-      double ss = 0;
-      for (int64_t i = 0; i < c.n; ++i) ss += row_sumsq(zp + (i * c.c_tot + ch) * c.hw, mf, c.hw);
-      const double dm = m - static_cast<double>(mf);  // the centering error, corrected exactly
-      mp[ch] = mf;
-      vp[ch] = static_cast<float>(ss / count - dm * dm);
+      // one pass: sums of (z - k) and (z - k)^2 about the first row's mean k, which keeps the
+      // cancellation of var = E[d^2] - E[d]^2 small; float lanes per row, double across rows
+      const float k = row_sum(zp + ch * c.hw, c.hw) / static_cast<float>(c.hw);
+      double s = 0, ss = 0;
+      for (int64_t i = 0; i < c.n; ++i) {
+        float a, b;
+        row_moments(zp + (i * c.c_tot + ch) * c.hw, k, c.hw, a, b);
+        s += a;
+        ss += b;
+      }
+      const double dmean = s / count;
+      mp[ch] = static_cast<float>(static_cast<double>(k) + dmean);
+      vp[ch] = static_cast<float>(std::max(ss / count - dmean * dmean, 0.0));
     }
   });
   Norm nm = make_norm(weight, bias, mean, var, eps);
   Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
   float* op = out.data_ptr<float>();
+  const int fast = fast_lp_kind(c);
+  const float fs = c.combine == kSub ? -c.f : c.f;
   at::parallel_for(0, c.n * c.c_out, 1, [&](int64_t r0, int64_t r1) {
+    if (fast >= 0) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;
+        sources(c, co, c1, c2);
+        float p1[4], p2[4];
+        channel_params(nm, c1, p1);
+        channel_params(nm, c2, p2);
+        fast_fwd_row(fast, c.psi, zp + (i * c.c_tot + c1) * c.hw, zp + (i * c.c_tot + c2) * c.hw,
+                     op + r * c.hw, c.hw, p1, p2, fs, c.levels);
+      }
+      return;
+    }
     Rows rows(c.hw);
     for (int64_t r = r0; r < r1; ++r) {
       int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;
@@ -393,8 +602,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     s += a;
     sx += b;
   };
-  // pass 1: per output channel (its LP and FP channels belong to it alone, so no races)
+  // pass 1: per output channel (its LP and FP channels belong to it alone, so no races):
+  // dy into dz, and the per-channel sums of dy and dy * xhat
+  Tensor dz = at::empty_like(z);
+  float* dp = dz.data_ptr<float>();
+  const int fast = fast_lp_kind(c);
+  const float fs = c.combine == kSub ? -c.f : c.f;
   at::parallel_for(0, c.c_out, 1, [&](int64_t o0, int64_t o1) {
+    if (fast >= 0) {
+      for (int64_t co = o0; co < o1; ++co) {
+        int64_t c1, c2;
+        sources(c, co, c1, c2);
+        float p1[4], p2[4], sums[4];
+        channel_params(nm, c1, p1);
+        channel_params(nm, c2, p2);
+        double acc[4] = {0, 0, 0, 0};
+        for (int64_t i = 0; i < c.n; ++i) {
+          const int64_t o1r = (i * c.c_tot + c1) * hw, o2r = (i * c.c_tot + c2) * hw;
+          fast_bwd_row(fast, c.psi, zp + o1r, zp + o2r, gp + (i * c.c_out + co) * hw, dp + o1r,
+                       dp + o2r, hw, p1, p2, fs, sums);
+          for (int j = 0; j < 4; ++j) acc[j] += sums[j];
+        }
+        sum_g[c1] = acc[0]; sum_gx[c1] = acc[1]; sum_g[c2] = acc[2]; sum_gx[c2] = acc[3];
+      }
+      return;
+    }
     Rows rows(hw);
     for (int64_t co = o0; co < o1; ++co) {
       int64_t c1, c2;
@@ -403,9 +635,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
       for (int64_t i = 0; i < c.n; ++i) {
         const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
         const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
-        ds += backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows);
-        if (z1) row_sums(nm, c1, z1, rows.g1, s1, sx1);
-        if (z2) row_sums(nm, c2, z2, rows.g2, s2, sx2);
+        float* d1 = c1 >= 0 ? dp + (i * c.c_tot + c1) * hw : nullptr;
+        float* d2 = c2 >= 0 ? dp + (i * c.c_tot + c2) * hw : nullptr;
+        ds += backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows, d1, d2);
+        if (z1) row_sums(nm, c1, z1, d1, s1, sx1);
+        if (z2) row_sums(nm, c2, z2, d2, s2, sx2);
       }
       if (c1 >= 0) { sum_g[c1] = s1; sum_gx[c1] = sx1; }
       if (c2 >= 0) { sum_g[c2] = s2; sum_gx[c2] = sx2; }
@@ -419,22 +653,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     a[ch] = static_cast<float>(static_cast<float>(sum_g[ch]) / count);
     bcoef[ch] = static_cast<float>(static_cast<float>(sum_gx[ch]) / count);
   }
-  // pass 2: dz = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), dy recomputed
-  Tensor dz = at::empty_like(z);
-  float* dp = dz.data_ptr<float>();
-  auto write_dz = [&](int64_t ch, const float* zr, const float* gr, float* dr) {
-    row_dz(zr, gr, nm.mean[ch], nm.invstd[ch], scale[ch], a[ch], bcoef[ch], dr, hw);
-  };
-  at::parallel_for(0, c.n * c.c_out, 1, [&](int64_t r0, int64_t r1) {
-    Rows rows(hw);
+  // pass 2, in place: dz = scale * (dy - mean(dy) - xhat * mean(dy * xhat))
+  at::parallel_for(0, c.n * c.c_tot, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;
-      sources(c, co, c1, c2);
-      const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
-      const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
-      backward_row(c, nm, c1, c2, z1, z2, gp + r * hw, rows);
-      if (z1) write_dz(c1, z1, rows.g1, dp + (i * c.c_tot + c1) * hw);
-      if (z2) write_dz(c2, z2, rows.g2, dp + (i * c.c_tot + c2) * hw);
+      const int64_t ch = r % c.c_tot;
+      row_dz(zp + r * hw, dp + r * hw, nm.mean[ch], nm.invstd[ch], scale[ch], a[ch], bcoef[ch],
+             dp + r * hw, hw);
     }
   });
   Tensor dweight = at::empty({c.c_tot}, z.options());
