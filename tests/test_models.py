@@ -21,7 +21,7 @@ def set_f(model, value):
         b.set_f(value)
 
 
-@pytest.mark.parametrize("width, channels", [(1, [64, 64, 128, 128, 128, 512]), (0.125, [8, 8, 16, 16, 16, 64])])
+@pytest.mark.parametrize("width, channels", [(0.5, [32, 32, 64, 64, 64, 256]), (0.125, [8, 8, 16, 16, 16, 64])])
 def test_svhn_net_layout(width, channels):
     model = models.svhn_net(width)
     assert isinstance(model.stem[0], nn.Conv2d) and model.stem[0].out_channels == round(48 * width)
@@ -31,12 +31,14 @@ def test_svhn_net_layout(width, channels):
     assert model(torch.randn(2, 3, 40, 40)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("arch, options, size", [
-    ("vgg16_bn", dict(width=0.125, num_classes=100), 32),
-    ("preresnet20", dict(width=0.5, num_classes=100), 32),
-    ("resnet18", dict(width=0.125, num_classes=7), 64),
+@pytest.mark.parametrize("arch, options, size, mode", [
+    ("vgg16_bn", dict(width=0.125, num_classes=100), 32, "fp"),
+    ("vgg16_bn", dict(width=0.125, num_classes=100), 32, "exp"),
+    ("preresnet20", dict(width=0.25, num_classes=100), 32, "exp"),
+    ("preresnet20", dict(width=0.25, num_classes=100), 32, "lp"),
+    ("resnet18", dict(width=0.125, num_classes=7), 32, "lp"),
+    ("resnet18", dict(width=0.125, num_classes=7), 32, "exp"),
 ])
-@pytest.mark.parametrize("mode", ["fp", "lp", "exp"])
 def test_other_archs_forward_backward(arch, options, size, mode):
     model = models.build(ModelConfig(arch=arch, mode=mode, **options))
     out = model(torch.randn(2, 3, size, size))

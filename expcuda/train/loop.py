@@ -10,6 +10,7 @@ single process.
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 
@@ -183,7 +184,7 @@ class Run:
                                    f"{self.epoch + 1}")
         self.history.append(row)
         with warnings.catch_warnings():  # resumed at an epoch's end: no optimizer.step() in this process yet
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.lr_scheduler.step()
         self.epoch, self.batch, self.partial = self.epoch + 1, 0, [0.0] * 5
         self.progress.log(epoch_line(row, self.cfg.epochs, self.decay is not None))
