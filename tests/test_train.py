@@ -148,3 +148,19 @@ def test_imagenet_folders_train_with_top5(tmp_path):
     rows = metrics.read_csv(tmp_path / "run" / "metrics.csv")
     assert rows[0]["test_top5"] == 100.0  # 3 classes: the top 5 always hold the label
     assert summary["collapsed_test_acc"] == summary["final_test_acc"]
+
+
+def test_async_decay_gives_the_last_layers_their_own_length():
+    from expcuda import models
+    from expcuda.train import build
+
+    cfg = TrainConfig.from_preset("fmnist", width=0.125, epochs=10, decay_steps="5", async_decay=["3", "8"])
+    model = models.build(cfg.model_config(10, 1))
+    sched = build.make_decay(cfg, model, steps_per_epoch=4)
+    for _ in range(4 * 4):  # 4 epochs: the 5-epoch layers are near 0, the 8-epoch one is not
+        sched.step()
+    f = list(sched.values().values())
+    assert f[:4] == [f[0]] * 4 and 0 < f[0] < 0.1
+    assert f[4] == 0.0 and f[5] > 0.3
+    with pytest.raises(ValueError, match="would not reach f = 0"):
+        build.make_decay(cfg.replace(async_decay=["11"]), model, steps_per_epoch=4)
