@@ -73,6 +73,22 @@ def test_fused_matches_reference(kernel, scheme, combine, a_quant, w_quant):
     check_block(block, inputs(), kernel)
 
 
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("a_quant,w_quant,extra", [
+    ("dorefa", "dorefa", {}), ("sign", "xnor", {}), ("lsq", "syq", {}), ("none", "lsq", {}),
+    ("none", "dorefa", {"activation": False}), ("dorefa", "dorefa", {"a_bits": 32}),
+    ("dorefa", "dorefa", {"pool": nn.MaxPool2d(2), "stride": 2}),
+])
+def test_plain_block_fused_matches_reference(kernel, a_quant, w_quant, extra):
+    """The plain LP block (and the expanded block at f == 0) through the fused LP epilogue."""
+    torch.manual_seed(0)
+    block = LowPrecisionConv2d(4, 6, 3, padding=1, a_quant=a_quant, w_quant=w_quant, **extra).train()
+    with torch.no_grad():
+        block.lp_bn.weight.uniform_(0.5, 1.5)
+        block.lp_bn.bias.uniform_(-0.3, 0.3)
+    check_block(block, inputs(), kernel)
+
+
 GEOMETRY = [
     dict(stride=2),
     dict(padding=0),
@@ -120,6 +136,13 @@ def test_fused_low_precision_dtypes(dtype, opts):
 def test_triton_epilogue(opts):
     block = make(**opts).train()
     check_block(block, inputs(shape=(2, 4, 4, 4)), "triton")
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
+def test_triton_epilogue_plain_block():
+    torch.manual_seed(0)
+    check_block(LowPrecisionConv2d(4, 6, 3, padding=1, a_quant="lsq").train(),
+                inputs(shape=(2, 4, 4, 4)), "triton")
 
 
 def test_f_zero_skips_fp_branch():

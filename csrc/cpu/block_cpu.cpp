@@ -372,9 +372,11 @@ AI float hsum(v8f v) {
   return s;
 }
 
+constexpr int kNoFp = 3;  // PSI value of the fast kernels when there is no FP branch
+
 // Which (phi, a_quant) pair the fast path serves, or -1.
 int fast_lp_kind(const Cfg& c) {
-  if (!c.fp || c.scheme != 2 || c.combine == kConcat) return -1;
+  if (c.fp && (c.scheme != 2 || c.combine == kConcat)) return -1;
   if (c.aq == kDorefa && c.bits != 32 && c.phi == kClip) return kFastDorefa;
   if (c.aq == kSign && c.phi == kIdentity) return kFastSign;
   if (c.aq == kNone && c.phi == kRelu) return kFastRelu;
@@ -409,6 +411,7 @@ AI v8f fast_fwd_body(const FastConsts& k, v8f za, v8f zb) {
   } else {
     a = y1;
   }
+  if (PSI == kNoFp) return a;
   v8f y2 = ((zb - k.m2) * k.i2) * k.w2 + k.b2;
   v8f v;
   if (PSI == kRelu) {
@@ -428,6 +431,7 @@ AI void fast_fwd_impl(const float* z1, const float* z2, float* out, int64_t n, c
   FastConsts k;
   fast_consts(k, p1, p2, fs, lv);
   int64_t j = 0;
+  if (PSI == kNoFp) z2 = z1;
   for (; j + 8 <= n; j += 8) store8(out + j, fast_fwd_body<LP, PSI>(k, load8(z1 + j), load8(z2 + j)));
   if (j < n) {
     float ta[8] = {0}, tb[8] = {0}, to[8];
@@ -451,14 +455,15 @@ AI void fast_bwd_body(const FastConsts& k, v8f za, v8f zb, v8f gv, v8f& o1, v8f&
   else if (LP == kFastRelu) keep1 = y1 > k.zero;
   else keep1 = (y1 == y1) | (y1 != y1);
   o1 = select(keep1, gv, k.zero);
+  s.s1 += o1;
+  s.sx1 += o1 * x1;
+  if (PSI == kNoFp) return;
   v8f x2 = (zb - k.m2) * k.i2;
   v8f y2 = x2 * k.w2 + k.b2;
   v8f gf = gv * k.vf;
   if (PSI == kRelu) o2 = select(y2 > k.zero, gf, k.zero);
   else if (PSI == kClip) o2 = select((y2 >= k.zero) & (y2 <= k.one), gf, k.zero);
   else o2 = gf;
-  s.s1 += o1;
-  s.sx1 += o1 * x1;
   s.s2 += o2;
   s.sx2 += o2 * x2;
 }
@@ -469,12 +474,13 @@ AI void fast_bwd_impl(const float* z1, const float* z2, const float* g, float* d
   FastConsts k;
   fast_consts(k, p1, p2, fs, 1.f);
   FastSums s{k.zero, k.zero, k.zero, k.zero};
+  if (PSI == kNoFp) z2 = z1;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     v8f o1, o2;
     fast_bwd_body<LP, PSI>(k, load8(z1 + j), load8(z2 + j), load8(g + j), o1, o2, s);
     store8(d1 + j, o1);
-    store8(d2 + j, o2);
+    if (PSI != kNoFp) store8(d2 + j, o2);
   }
   if (j < n) {  // the tail, padded with g = 0 so the sums are unchanged
     float ta[8] = {0}, tb[8] = {0}, tg[8] = {0}, t1[8], t2[8];
@@ -483,7 +489,10 @@ AI void fast_bwd_impl(const float* z1, const float* z2, const float* g, float* d
     fast_bwd_body<LP, PSI>(k, load8(ta), load8(tb), load8(tg), o1, o2, s);
     store8(t1, o1);
     store8(t2, o2);
-    for (int64_t t = j; t < n; ++t) { d1[t] = t1[t - j]; d2[t] = t2[t - j]; }
+    for (int64_t t = j; t < n; ++t) {
+      d1[t] = t1[t - j];
+      if (PSI != kNoFp) d2[t] = t2[t - j];
+    }
   }
   sums[0] = hsum(s.s1);
   sums[1] = hsum(s.sx1);
@@ -491,12 +500,17 @@ AI void fast_bwd_impl(const float* z1, const float* z2, const float* g, float* d
   sums[3] = hsum(s.sx2);
 }
 
-#define FAST_DISPATCH(LPK, PSIK, CALL)                                           \
-  switch (LPK * 3 + PSIK) {                                                      \
-    case 0: CALL(0, 0); break; case 1: CALL(0, 1); break; case 2: CALL(0, 2); break; \
-    case 3: CALL(1, 0); break; case 4: CALL(1, 1); break; case 5: CALL(1, 2); break; \
-    case 6: CALL(2, 0); break; case 7: CALL(2, 1); break; case 8: CALL(2, 2); break; \
-    case 9: CALL(3, 0); break; case 10: CALL(3, 1); break; default: CALL(3, 2); break; \
+#define FAST_DISPATCH_PSI(A, PSIK, CALL)                                              \
+  switch (PSIK) {                                                                     \
+    case 0: CALL(A, 0); break; case 1: CALL(A, 1); break; case 2: CALL(A, 2); break;   \
+    default: CALL(A, 3); break;                                                       \
+  }
+#define FAST_DISPATCH(LPK, PSIK, CALL)                   \
+  switch (LPK) {                                         \
+    case 0: FAST_DISPATCH_PSI(0, PSIK, CALL) break;      \
+    case 1: FAST_DISPATCH_PSI(1, PSIK, CALL) break;      \
+    case 2: FAST_DISPATCH_PSI(2, PSIK, CALL) break;      \
+    default: FAST_DISPATCH_PSI(3, PSIK, CALL) break;     \
   }
 
 ROW_KERNEL void fast_fwd_row(int lp, int64_t psi, const float* z1, const float* z2, float* out,
@@ -560,11 +574,13 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
       for (int64_t r = r0; r < r1; ++r) {
         int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;
         sources(c, co, c1, c2);
-        float p1[4], p2[4];
+        float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f};
         channel_params(nm, c1, p1);
-        channel_params(nm, c2, p2);
-        fast_fwd_row(fast, c.psi, zp + (i * c.c_tot + c1) * c.hw, zp + (i * c.c_tot + c2) * c.hw,
-                     op + r * c.hw, c.hw, p1, p2, fs, c.levels);
+        if (c2 >= 0) channel_params(nm, c2, p2);
+        const float* z1 = zp + (i * c.c_tot + c1) * c.hw;
+        const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * c.hw : z1;
+        fast_fwd_row(fast, c2 >= 0 ? c.psi : kNoFp, z1, z2, op + r * c.hw, c.hw, p1, p2, fs,
+                     c.levels);
       }
       return;
     }
@@ -613,17 +629,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
       for (int64_t co = o0; co < o1; ++co) {
         int64_t c1, c2;
         sources(c, co, c1, c2);
-        float p1[4], p2[4], sums[4];
+        float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f}, sums[4];
         channel_params(nm, c1, p1);
-        channel_params(nm, c2, p2);
+        if (c2 >= 0) channel_params(nm, c2, p2);
+        const int64_t psi_k = c2 >= 0 ? c.psi : kNoFp;
         double acc[4] = {0, 0, 0, 0};
         for (int64_t i = 0; i < c.n; ++i) {
-          const int64_t o1r = (i * c.c_tot + c1) * hw, o2r = (i * c.c_tot + c2) * hw;
-          fast_bwd_row(fast, c.psi, zp + o1r, zp + o2r, gp + (i * c.c_out + co) * hw, dp + o1r,
+          const int64_t o1r = (i * c.c_tot + c1) * hw;
+          const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
+          fast_bwd_row(fast, psi_k, zp + o1r, zp + o2r, gp + (i * c.c_out + co) * hw, dp + o1r,
                        dp + o2r, hw, p1, p2, fs, sums);
           for (int j = 0; j < 4; ++j) acc[j] += sums[j];
         }
-        sum_g[c1] = acc[0]; sum_gx[c1] = acc[1]; sum_g[c2] = acc[2]; sum_gx[c2] = acc[3];
+        sum_g[c1] = acc[0];
+        sum_gx[c1] = acc[1];
+        if (c2 >= 0) { sum_g[c2] = acc[2]; sum_gx[c2] = acc[3]; }
       }
       return;
     }

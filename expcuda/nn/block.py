@@ -75,6 +75,7 @@ class LowPrecisionConv2d(nn.Module):
         self.in_extra = 0
         self.lp_extra: Optional[nn.Parameter] = None
         self.__dict__["_producer"] = None
+        self.fused: Optional[bool] = None
 
     # ------------------------------------------------------------------ concat inputs
     def widen_input(self, extra: int, producer: Optional[nn.Module] = None) -> None:
@@ -123,9 +124,22 @@ class LowPrecisionConv2d(nn.Module):
         """BN(pool(conv(A, Qw(W1)))): the LP branch up to its nonlinearity."""
         return self.lp_bn(self.conv(x, self.lp_weight(extra)))
 
+    def use_fused(self) -> bool:
+        """Fused kernels unless ``fused=False`` or the reference backend is forced."""
+        if self.fused is False:
+            return False
+        return backends.forced_backend() != "reference"
+
+    def lp_forward(self, x: Tensor, extra: bool) -> Tensor:
+        """The LP branch alone: fused epilogue in training, the reference composition in eval."""
+        if self.training and self.use_fused():
+            from expcuda.nn import fused
+            return fused.lp_epilogue(self, self.conv(x, self.lp_weight(extra)))
+        return self.aq(self.lp_pre(x, extra))
+
     def forward(self, x: Tensor) -> Tensor:
         x, extra = self._split_input(x)
-        return self.aq(self.lp_pre(x, extra))
+        return self.lp_forward(x, extra)
 
     def extra_repr(self) -> str:
         return f"in_extra={self.in_extra}" if self.in_extra else ""
@@ -225,15 +239,10 @@ class ExpandedConv2d(LowPrecisionConv2d):
         return torch.cat([w, self.fp_extra], dim=1) if extra else w
 
     # ------------------------------------------------------------------ forward
-    def use_fused(self) -> bool:
-        if self.fused is False:
-            return False
-        return backends.forced_backend() != "reference"
-
     def forward(self, x: Tensor) -> Tensor:
         x, extra = self._split_input(x)
         if not self.expanded:
-            return self.aq(self.lp_pre(x, extra))
+            return self.lp_forward(x, extra)
         if self._f_zero:
             return reference.lp_only(self, x, extra)
         if self.use_fused() and (self.training or self.fold):

@@ -26,9 +26,18 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
 
 
-def lp_tail(block, z: Tensor) -> Tensor:
-    """BN, phi and Qa of the LP branch alone (plain LP block, folded block)."""
-    return block.aq(block.lp_bn(z))
+def lp_epilogue(block, z: Tensor) -> Tensor:
+    """BN (batch statistics), phi and Qa of the LP branch alone: the plain block, the folded block."""
+    bn = block.lp_bn
+    if not block.training or not bn.track_running_stats:
+        return block.aq(bn(z))
+    step = block.aq.step if block.aq.kind == "lsq" else None
+    f = getattr(block, "f", None)
+    out, mean, var = epilogue.block_epilogue(
+        z, bn.weight, bn.bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
+        z.shape[1], float(bn.eps), 2, "add", block.aq.kind, block.aq.bits, block.aq.phi, "identity")
+    update_running_stats(bn, mean, var, z.numel() // z.shape[1])
+    return out
 
 
 def forward(block, x: Tensor, extra: bool) -> Tensor:
@@ -36,7 +45,7 @@ def forward(block, x: Tensor, extra: bool) -> Tensor:
     w2 = block.fp_weight(extra).to(wq.dtype)
     if block.fold:
         f = block.f.to(wq.dtype)
-        return lp_tail(block, block.conv(x, wq + f * w2 if block.combine == "add" else wq - f * w2))
+        return lp_epilogue(block, block.conv(x, wq + f * w2 if block.combine == "add" else wq - f * w2))
     if block.lp_conv.groups == 1:
         z = block.conv(x, torch.cat([wq, w2], dim=0))
     else:  # stacking would mix the groups: two convolutions, one epilogue

@@ -20,13 +20,17 @@ def combine(kind: str, a: Tensor, b: Tensor) -> Tensor:
 
 
 def lp_only(block, x: Tensor, extra: bool) -> Tensor:
-    """The block at f == 0: the FP branch is not computed; concat pads its channels with zeros."""
-    y1 = block.lp_pre(x, extra)
+    """The block at f == 0: the FP branch is not computed; concat pads its channels with zeros.
+
+    Without the scheme-1 concat, this is exactly the plain block's forward (fused or not).
+    """
     if block.combine != "concat":
-        return block.aq(y1)
-    zeros = y1.new_zeros((y1.shape[0], block.fp_channels, *y1.shape[2:]))
+        return block.lp_forward(x, extra)
     if block.scheme == 2:
-        return torch.cat([block.aq(y1), zeros], dim=1)
+        a = block.lp_forward(x, extra)
+        return torch.cat([a, a.new_zeros((a.shape[0], block.fp_channels, *a.shape[2:]))], dim=1)
+    y1 = block.lp_pre(x, extra)
+    zeros = y1.new_zeros((y1.shape[0], block.fp_channels, *y1.shape[2:]))
     return block.aq.quantize(torch.cat([apply_phi(block.aq.phi, y1), zeros], dim=1))
 
 
