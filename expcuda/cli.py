@@ -22,7 +22,7 @@ def compare_parser() -> argparse.ArgumentParser:
                                 "with the same seeds: mean ± std of the final test accuracy, the difference, "
                                 "epoch time; one run folder each, comparison.md and curves.png.")
     add_train_flags(p, modes=False)
-    p.add_argument("--seeds", type=int, default=1, help="seeds per network, from --seed on (default 1)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per network, from --seed on (default 2)")
     p.add_argument("--full-precision", action="store_true", help="also train the full-precision network")
     return p
 

@@ -29,7 +29,7 @@ def test_table_pairs_seeds_and_says_win_or_loss():
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
 def test_compare_command_end_to_end(tmp_path, capsys):
     args = ["compare", "--width", "0.125", "--limit-train", "128", "--limit-test", "64", "--batch-size", "32",
-            "--epochs", "1", "--decay-steps", "0.5", "--out", str(tmp_path), "--no-progress"]
+            "--epochs", "1", "--decay-steps", "0.5", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| baseline |" in printed and "| EXP-Net |" in printed and "comparison.md" in printed

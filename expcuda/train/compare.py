@@ -100,7 +100,8 @@ def report(base: TrainConfig, results: dict, seeds: int, command: str, wall: flo
         f"{base.limit_test or 'all'}.", "",
         "Accuracy is the final epoch's test accuracy of the network that ships: the low-precision one "
         "(EXP-Net collapsed, f = 0). The difference is EXP-Net minus baseline, paired by seed; "
-        "± is the sample standard deviation over seeds.", "",
+        "± is the sample standard deviation over seeds. Epoch time counts training steps only "
+        "(data loading included, evaluation excluded).", "",
         table(results), "",
         f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with "
         f"{os.cpu_count()} CPU(s), torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -163,7 +163,7 @@ class Run:
             if step_sum[3] or stop.signum:
                 self.progress.close()
                 self.save()
-                raise Interrupted(int(step_sum[3]) or stop.signum, self.ckpt_path)
+                raise Interrupted(stop.signum, self.ckpt_path)  # 0: the signal reached another rank
             waited = time.perf_counter()
         self.progress.close()
 

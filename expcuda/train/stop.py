@@ -11,8 +11,8 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, path: str):
         self.signum, self.path = signum, path
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved to {path}, "
-                         f"continue with --resume")
+        cause = signal.Signals(signum).name if signum else "a signal to another DDP rank"
+        super().__init__(f"stopped by {cause}; checkpoint saved to {path}, continue with --resume")
 
 
 class StopRequest:
