@@ -90,7 +90,7 @@ def extensions():
 
     debug = flag("EXPCUDA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fopenmp", "-DEXPCUDA_HAVE_CUDA=%d" % use_cuda]
+    cxx = opt + ["-std=c++20", "-ffp-contract=off", "-fopenmp", "-DEXPCUDA_HAVE_CUDA=%d" % use_cuda]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="expcuda._C", sources=sources, include_dirs=include_dirs,
@@ -98,7 +98,7 @@ def extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += pip_cuda_includes()
-        nvcc = opt + ["-std=c++17", "--fmad=false", "-DEXPCUDA_HAVE_CUDA=1"]
+        nvcc = opt + ["-std=c++20", "--fmad=false", "-DEXPCUDA_HAVE_CUDA=1"]
         if debug:
             nvcc += ["-G"]
         kwargs["extra_compile_args"]["nvcc"] = nvcc
