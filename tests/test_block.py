@@ -246,3 +246,31 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(y, eager["out"])
     torch.testing.assert_close(x.grad, eager["x.grad"])
     torch.testing.assert_close(block.aq.step.grad, eager["aq.step.grad"])
+
+
+NO_EXTENSION = r"""
+import sys
+sys.modules["expcuda._C"] = None  # as if expcuda._C was never built
+import torch
+import expcuda
+from expcuda.nn import epilogue
+assert epilogue.kernel_unavailable("cpp") is not None
+torch.manual_seed(0)
+block = expcuda.ExpandedConv2d(4, 6, 3, padding=1, combine="concat", fp_ratio=0.5).train()
+block.set_f(0.5)
+x = torch.rand(2, 4, 5, 5, requires_grad=True)
+y = block(x)
+y.sum().backward()
+with expcuda.use_backend("reference"):
+    ref = block(x)
+assert (y - ref).abs().max() < 1e-4, (y - ref).abs().max()
+print("ok")
+"""
+
+
+def test_block_without_extension():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", NO_EXTENSION], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
