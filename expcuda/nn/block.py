@@ -7,8 +7,16 @@ and combines per scheme 1 (quantize after the combine) or scheme 2 (before).
 Two implementations compute the same function: the reference composition
 (``reference.py``: plain PyTorch ops, the definition of correct) and the fused
 path (one convolution on stacked weights and the ``expcuda::block_epilogue``
-custom op).  The fused path serves training mode; eval mode and a forced
-``reference`` backend use the reference composition.
+custom op, whose kernel is C++ on CPU, Triton on GPU, PyTorch otherwise).  The
+fused path serves training mode (batch statistics) and the folded block; eval
+mode, ``fused=False`` and a forced ``reference`` backend use the reference
+composition.
+
+The LP activation ``phi`` per ``a_quant`` (see ``quantizers.ACTIVATIONS``):
+dorefa: clip to [0, 1], which is the DoReFa quantizer's own clip (no ReLU);
+sign: identity before sign; lsq: ReLU then unsigned LSQ; none: ReLU and no
+quantizer.  ``fp_activation`` (``psi``): None (the authors' BN-only FP
+branch), ``"relu"`` or ``"clip"``.
 """
 
 from __future__ import annotations
