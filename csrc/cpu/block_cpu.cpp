@@ -468,36 +468,57 @@ AI void fast_bwd_body(const FastConsts& k, v8f za, v8f zb, v8f gv, v8f& o1, v8f&
   s.sx2 += o2 * x2;
 }
 
-template <int LP, int PSI>
+// FINAL = false: the sums of dy and dy * xhat only (pass 1).  FINAL = true: recompute dy
+// and write dz = scale * (dy - a - xhat * b) with the coefficients in sums[0..5] (pass 2);
+// recomputing costs less than storing dy and reading it back.
+template <int LP, int PSI, bool FINAL>
 AI void fast_bwd_impl(const float* z1, const float* z2, const float* g, float* d1, float* d2,
                       int64_t n, const float* p1, const float* p2, float fs, float* sums) {
   FastConsts k;
   fast_consts(k, p1, p2, fs, 1.f);
   FastSums s{k.zero, k.zero, k.zero, k.zero};
+  v8f sc1 = k.zero, a1 = k.zero, bb1 = k.zero, sc2 = k.zero, a2 = k.zero, bb2 = k.zero;
+  if (FINAL) {
+    sc1 = splat(sums[0]); a1 = splat(sums[1]); bb1 = splat(sums[2]);
+    sc2 = splat(sums[3]); a2 = splat(sums[4]); bb2 = splat(sums[5]);
+  }
   if (PSI == kNoFp) z2 = z1;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     v8f o1, o2;
-    fast_bwd_body<LP, PSI>(k, load8(z1 + j), load8(z2 + j), load8(g + j), o1, o2, s);
-    store8(d1 + j, o1);
-    if (PSI != kNoFp) store8(d2 + j, o2);
+    v8f za = load8(z1 + j), zb = load8(z2 + j);
+    fast_bwd_body<LP, PSI>(k, za, zb, load8(g + j), o1, o2, s);
+    if (FINAL) {
+      v8f x1 = (za - k.m1) * k.i1;
+      store8(d1 + j, sc1 * (o1 - a1 - x1 * bb1));
+      if (PSI != kNoFp) {
+        v8f x2 = (zb - k.m2) * k.i2;
+        store8(d2 + j, sc2 * (o2 - a2 - x2 * bb2));
+      }
+    }
   }
   if (j < n) {  // the tail, padded with g = 0 so the sums are unchanged
     float ta[8] = {0}, tb[8] = {0}, tg[8] = {0}, t1[8], t2[8];
     for (int64_t t = j; t < n; ++t) { ta[t - j] = z1[t]; tb[t - j] = z2[t]; tg[t - j] = g[t]; }
     v8f o1, o2;
-    fast_bwd_body<LP, PSI>(k, load8(ta), load8(tb), load8(tg), o1, o2, s);
-    store8(t1, o1);
-    store8(t2, o2);
-    for (int64_t t = j; t < n; ++t) {
-      d1[t] = t1[t - j];
-      if (PSI != kNoFp) d2[t] = t2[t - j];
+    v8f za = load8(ta), zb = load8(tb);
+    fast_bwd_body<LP, PSI>(k, za, zb, load8(tg), o1, o2, s);
+    if (FINAL) {
+      v8f x1 = (za - k.m1) * k.i1, x2 = (zb - k.m2) * k.i2;
+      store8(t1, sc1 * (o1 - a1 - x1 * bb1));
+      store8(t2, sc2 * (o2 - a2 - x2 * bb2));
+      for (int64_t t = j; t < n; ++t) {
+        d1[t] = t1[t - j];
+        if (PSI != kNoFp) d2[t] = t2[t - j];
+      }
     }
   }
-  sums[0] = hsum(s.s1);
-  sums[1] = hsum(s.sx1);
-  sums[2] = hsum(s.s2);
-  sums[3] = hsum(s.sx2);
+  if (!FINAL) {
+    sums[0] = hsum(s.s1);
+    sums[1] = hsum(s.sx1);
+    sums[2] = hsum(s.s2);
+    sums[3] = hsum(s.sx2);
+  }
 }
 
 #define FAST_DISPATCH_PSI(A, PSIK, CALL)                                              \
@@ -523,7 +544,15 @@ ROW_KERNEL void fast_fwd_row(int lp, int64_t psi, const float* z1, const float* 
 ROW_KERNEL void fast_bwd_row(int lp, int64_t psi, const float* z1, const float* z2,
                              const float* g, float* d1, float* d2, int64_t n, const float* p1,
                              const float* p2, float fs, float* sums) {
-#define CALL(A, B) fast_bwd_impl<A, B>(z1, z2, g, d1, d2, n, p1, p2, fs, sums)
+#define CALL(A, B) fast_bwd_impl<A, B, false>(z1, z2, g, d1, d2, n, p1, p2, fs, sums)
+  FAST_DISPATCH(lp, psi, CALL)
+#undef CALL
+}
+
+ROW_KERNEL void fast_dz_row(int lp, int64_t psi, const float* z1, const float* z2,
+                            const float* g, float* d1, float* d2, int64_t n, const float* p1,
+                            const float* p2, float fs, float* coef) {
+#define CALL(A, B) fast_bwd_impl<A, B, true>(z1, z2, g, d1, d2, n, p1, p2, fs, coef)
   FAST_DISPATCH(lp, psi, CALL)
 #undef CALL
 }
@@ -673,6 +702,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     a[ch] = static_cast<float>(static_cast<float>(sum_g[ch]) / count);
     bcoef[ch] = static_cast<float>(static_cast<float>(sum_gx[ch]) / count);
   }
+  if (fast >= 0) {  // pass 2: recompute dy and write dz
+    at::parallel_for(0, c.n * c.c_out, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;
+        sources(c, co, c1, c2);
+        float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f};
+        channel_params(nm, c1, p1);
+        float coef[6] = {scale[c1], a[c1], bcoef[c1], 0.f, 0.f, 0.f};
+        if (c2 >= 0) {
+          channel_params(nm, c2, p2);
+          coef[3] = scale[c2];
+          coef[4] = a[c2];
+          coef[5] = bcoef[c2];
+        }
+        const int64_t o1r = (i * c.c_tot + c1) * hw;
+        const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
+        fast_dz_row(fast, c2 >= 0 ? c.psi : kNoFp, zp + o1r, zp + o2r, gp + r * hw, dp + o1r,
+                    dp + o2r, hw, p1, p2, fs, coef);
+      }
+    });
+  } else {
   // pass 2, in place: dz = scale * (dy - mean(dy) - xhat * mean(dy * xhat))
   at::parallel_for(0, c.n * c.c_tot, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -681,6 +731,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
              dp + r * hw, hw);
     }
   });
+  }
   Tensor dweight = at::empty({c.c_tot}, z.options());
   Tensor dbias = at::empty({c.c_tot}, z.options());
   for (int64_t ch = 0; ch < c.c_tot; ++ch) {
