@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from expcuda import backends
-from expcuda.nn import epilogue, reference
+from expcuda.nn import reference
 from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
                                    check_choice)
 

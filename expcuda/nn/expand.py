@@ -16,7 +16,7 @@ Sequential with no activation) stay full precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
