@@ -274,3 +274,25 @@ def test_block_without_extension():
     done = subprocess.run([sys.executable, "-c", NO_EXTENSION], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+def test_widened_input_fused_matches_reference(kernel):
+    """A block fed by a concat block: extra input weights, quantized on their own."""
+    block = make(combine="sub", w_quant="xnor")
+    block.widen_input(3)
+    assert block.lp_extra.shape == (6, 3, 3, 3) and block.fp_extra.shape == (6, 3, 3, 3)
+    check_block(block.train(), inputs(shape=(4, 7, 6, 6)), kernel)
+
+
+def test_widened_input_skipped_while_producer_f_is_zero():
+    producer = make(combine="concat", fp_ratio=0.5)
+    consumer = make(seed=1, in_channels=6)
+    consumer.widen_input(producer.fp_channels, producer)
+    x = inputs(shape=(2, 6 + 3, 6, 6))
+    x[:, 6:] = 0  # what the producer outputs at f == 0
+    producer.set_f(0.0)
+    consumer.eval()
+    plain = make(seed=1, in_channels=6).eval()
+    plain.load_state_dict({k: v for k, v in consumer.state_dict().items() if "extra" not in k})
+    assert torch.equal(consumer(x), plain(x[:, :6].contiguous()))
