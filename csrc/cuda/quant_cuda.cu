@@ -99,7 +99,7 @@ __global__ void partial_sum_kernel(int64_t count, Term term, double* partial) {
   if (threadIdx.x == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = s;
 }
 
-// out[group] = the sum of that group's nb partials, added in order by one block.
+// out[group] = the sum of that group's nb partials, added by one block in a fixed order (deterministic).
 __global__ void finish_sum_kernel(const double* partial, int nb, double* out) {
   double s = 0;
   for (int b = threadIdx.x; b < nb; b += blockDim.x) s += partial[blockIdx.x * nb + b];
