@@ -41,6 +41,16 @@ def levels(bits: int) -> float:
     return float(2**bits - 1)
 
 
+def div(a: Tensor, b: float) -> Tensor:
+    """a / b, IEEE-rounded on every device.
+
+    ATen on CUDA computes ``tensor / python_number`` as a multiplication by the
+    rounded reciprocal; dividing by a tensor on a's own device is a true
+    division everywhere, as the C++, CUDA and Triton kernels do.
+    """
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
 def sign(v: Tensor) -> Tensor:
     """sign with sign(0) = sign(NaN) = 0, as float32."""
     return (v > 0).to(F32) - (v < 0).to(F32)
@@ -93,7 +103,7 @@ def dorefa_activation_fwd(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     if bits == 32:
         return x.clone(), pack_mask(torch.ones_like(x, dtype=torch.bool))
     n = levels(bits)
-    y = torch.round(torch.clamp(xf, 0.0, 1.0) * n) / n
+    y = div(torch.round(torch.clamp(xf, 0.0, 1.0) * n), n)
     return y.to(x.dtype), pack_mask((xf >= 0) & (xf <= 1))
 
 
@@ -115,7 +125,7 @@ def sign_activation_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
 def dorefa_weight_fwd(w: Tensor, bits: int) -> Tensor:
     wf = w.to(F32)
     if bits == 1:
-        e = (_sum64(wf.abs()) / wf.numel()).to(F32)
+        e = div(_sum64(wf.abs()), wf.numel()).to(F32)
         return (sign(wf) * e).to(w.dtype)
     t = torch.tanh(wf)
     m = t.abs().amax()
@@ -125,7 +135,7 @@ def dorefa_weight_fwd(w: Tensor, bits: int) -> Tensor:
     d = 2 * m
     x = t / d + 0.5
     r = torch.round(x * n)
-    return ((2 * r) / n - 1).to(w.dtype)
+    return (div(2 * r, n) - 1).to(w.dtype)
 
 
 def dorefa_weight_bwd(grad: Tensor, w: Tensor, bits: int) -> Tensor:
@@ -152,7 +162,7 @@ def dorefa_weight_bwd(grad: Tensor, w: Tensor, bits: int) -> Tensor:
 def _xnor_alpha(wf: Tensor) -> Tensor:
     dims = _filter_dims(wf)
     n = math.prod(wf.shape[1:])
-    return (_sum64(wf.abs(), dims) / n).to(F32).view(-1, *([1] * len(dims)))
+    return div(_sum64(wf.abs(), dims), n).to(F32).view(-1, *([1] * len(dims)))
 
 
 def xnor_weight_fwd(w: Tensor) -> Tensor:
@@ -166,7 +176,7 @@ def xnor_weight_bwd(grad: Tensor, w: Tensor) -> Tensor:
     n = math.prod(wf.shape[1:])
     s = sign(wf)
     alpha = _xnor_alpha(wf)
-    t = (_sum64(s * g, dims) / n).to(F32).view_as(alpha)
+    t = div(_sum64(s * g, dims), n).to(F32).view_as(alpha)
     direct = torch.where(wf.abs() <= 1, alpha * g, torch.zeros((), dtype=F32))
     return (direct + s * t).to(w.dtype)
 
@@ -230,5 +240,5 @@ def lsq_bwd(grad: Tensor, x: Tensor, step: Tensor, bits: int,
     dx = torch.where(inside, g, zero).to(x.dtype)
     r = torch.where(inside, torch.round(v) - v, torch.where(v < qn, qn, qp))
     total = _sum64(g * r)
-    ds = (total / math.sqrt(x.numel() * qp)).to(F32)
+    ds = div(total, math.sqrt(x.numel() * qp)).to(F32)
     return dx, ds.to(step.dtype).view_as(step)

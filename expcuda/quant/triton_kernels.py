@@ -22,11 +22,9 @@ CPU tensors, under ``TRITON_INTERPRET=1``.  How the rules are kept here:
 * nothing reads a device value back to the host: data-dependent branches of
   the reference (``m == 0``) are taken inside the kernels.
 
-Division by a Python number: on CUDA, ATen computes ``a / n`` for a CPU scalar
-``n`` as ``a * (1/n)`` with ``1/n`` rounded to float32, not as an IEEE
-division; on CPU it divides.  The reference's ``round(...) / n`` therefore
-rounds differently on the two devices, and the kernels follow whichever
-device their tensors are on (``RECIP``).
+Every division is IEEE-rounded (``tl.div_rn`` in the kernels, the reference's
+``div`` for scalars after a reduction), as the reference defines it on every
+device.
 """
 
 from __future__ import annotations
@@ -36,6 +34,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from expcuda.quant.reference import div
 
 F32 = torch.float32
 F64 = torch.float64
@@ -94,13 +94,6 @@ def _clamp(v, lo, hi):
     return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
 
 
-@triton.jit
-def _div_levels(r, n, inv_n, RECIP: tl.constexpr):
-    """r / n as ATen computes it for a Python-number n on this device."""
-    if RECIP:
-        return r * inv_n
-    else:
-        return tl.div_rn(r, n)
 
 
 @triton.jit
@@ -127,11 +120,11 @@ def _store_mask(m_ptr, keep, numel, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------- kernels: activations
 
 @triton.jit
-def _dorefa_act_fwd_kernel(x_ptr, y_ptr, m_ptr, numel, n, inv_n,
-                           X_BF16: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
+def _dorefa_act_fwd_kernel(x_ptr, y_ptr, m_ptr, numel, n,
+                           X_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs, inb = _block(numel, BLOCK)
     x = _load_f32(x_ptr, offs, inb, X_BF16)
-    y = _div_levels(_rint(_clamp(x, 0.0, 1.0) * n), n, inv_n, RECIP)
+    y = tl.div_rn(_rint(_clamp(x, 0.0, 1.0) * n), n)
     _store_f32(y_ptr, offs, y, inb, X_BF16)
     _store_mask(m_ptr, (x >= 0.0) & (x <= 1.0) & inb, numel, BLOCK)
 
@@ -214,15 +207,15 @@ def _sign_scale_kernel(w_ptr, scale_ptr, thr_ptr, out_ptr, numel, G, B,
 
 
 @triton.jit
-def _dorefa_w_fwd_kernel(t_ptr, m_ptr, out_ptr, numel, n, inv_n,
-                         OUT_BF16: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
+def _dorefa_w_fwd_kernel(t_ptr, m_ptr, out_ptr, numel, n,
+                         OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs, inb = _block(numel, BLOCK)
     t = tl.load(t_ptr + offs, mask=inb, other=0.0)      # tanh(w) in float32, from ATen
     m = tl.load(m_ptr)
     d = 2.0 * m
     x = tl.div_rn(t, d + tl.zeros_like(t)) + 0.5
     r = _rint(x * n)
-    wq = _div_levels(2.0 * r, n, inv_n, RECIP) - 1.0
+    wq = tl.div_rn(2.0 * r, n) - 1.0
     _store_f32(out_ptr, offs, tl.where(m == 0.0, 0.0, wq), inb, OUT_BF16)
 
 
@@ -323,12 +316,6 @@ def _grid(numel: int, block: int = BLOCK) -> tuple[int]:
     return (triton.cdiv(numel, block),)
 
 
-def _levels(bits: int) -> tuple[float, float]:
-    """n = 2**bits - 1, and 1/n rounded to float32 the way ATen's CUDA division does."""
-    n = float(2**bits - 1)
-    return n, float(torch.tensor(1.0 / n, dtype=F32))
-
-
 def _absmax(t: torch.Tensor) -> torch.Tensor:
     """max|t| over the whole tensor as a float32 0-dim tensor (NaN if any NaN)."""
     part = torch.empty(_grid(t.numel())[0], dtype=F32, device=t.device)
@@ -360,11 +347,11 @@ def dorefa_activation_fwd(x, bits):
         if x.numel() % 8:
             mask[-1] = (1 << (x.numel() % 8)) - 1
         return x.clone(), mask
-    n, inv_n = _levels(bits)
+    n = float(2**bits - 1)
     y = torch.empty_like(x)
     mask = torch.empty(((x.numel() + 7) // 8,), dtype=torch.uint8, device=x.device)
-    _dorefa_act_fwd_kernel[_grid(x.numel())](_bits(x), _bits(y), mask, x.numel(), n, inv_n,
-                                             X_BF16=_is_bf16(x), RECIP=x.is_cuda,
+    _dorefa_act_fwd_kernel[_grid(x.numel())](_bits(x), _bits(y), mask, x.numel(), n,
+                                             X_BF16=_is_bf16(x),
                                              BLOCK=BLOCK, **_LAUNCH)
     return y, mask
 
@@ -391,16 +378,16 @@ def sign_activation_fwd(x):
 def dorefa_weight_fwd(w, bits):
     out = torch.empty_like(w)
     if bits == 1:
-        e = (_group_sums(_SUM_ABS, w)[0] / w.numel()).to(F32).reshape(1)
+        e = div(_group_sums(_SUM_ABS, w)[0], w.numel()).to(F32).reshape(1)
         _sign_scale_kernel[_grid(w.numel())](_bits(w), e, e, _bits(out), w.numel(), 1, 1,
                                              USE_THR=False, W_BF16=_is_bf16(w),
                                              BLOCK=BLOCK, **_LAUNCH)
         return out
     t = torch.tanh(w.to(F32))            # ATen's tanh, as every backend uses
     m = _absmax(t)
-    n, inv_n = _levels(bits)
-    _dorefa_w_fwd_kernel[_grid(w.numel())](t, m, _bits(out), w.numel(), n, inv_n,
-                                           OUT_BF16=_is_bf16(w), RECIP=w.is_cuda,
+    n = float(2**bits - 1)
+    _dorefa_w_fwd_kernel[_grid(w.numel())](t, m, _bits(out), w.numel(), n,
+                                           OUT_BF16=_is_bf16(w),
                                            BLOCK=BLOCK, **_LAUNCH)
     return out
 
@@ -437,7 +424,7 @@ def _filters(w) -> tuple[int, int]:
 
 def _xnor_alpha(w) -> torch.Tensor:
     rows, n = _filters(w)
-    return (_group_sums(_SUM_ABS, w, G=rows, B=w.numel() // rows) / n).to(F32)
+    return div(_group_sums(_SUM_ABS, w, G=rows, B=w.numel() // rows), n).to(F32)
 
 
 def xnor_weight_fwd(w):
@@ -453,7 +440,7 @@ def xnor_weight_fwd(w):
 def xnor_weight_bwd(grad, w):
     rows, n = _filters(w)
     alpha = _xnor_alpha(w)
-    t = (_group_sums(_SUM_SIGN_B, w, grad, G=rows, B=w.numel() // rows) / n).to(F32)
+    t = div(_group_sums(_SUM_SIGN_B, w, grad, G=rows, B=w.numel() // rows), n).to(F32)
     out = torch.empty_like(w)
     _xnor_bwd_kernel[_grid(w.numel())](_bits(grad), _bits(w), alpha, t, _bits(out), w.numel(),
                                        w.numel() // rows, G_BF16=_is_bf16(grad),
@@ -536,7 +523,7 @@ def lsq_bwd(grad, x, step, bits, signed):
                                       BLOCK=BLOCK, **_LAUNCH)
     # the reference's scalar arithmetic, with its qp (not rounded to float32)
     qp_exact = float(2 ** (bits - 1) - 1) if signed else float(2**bits - 1)
-    ds = (part.sum() / math.sqrt(x.numel() * qp_exact)).to(F32)
+    ds = div(part.sum(), math.sqrt(x.numel() * qp_exact)).to(F32)
     return dx, ds.to(step.dtype).view_as(step)
 
 
