@@ -65,6 +65,13 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
+def verdict(diffs: list[float]) -> str:
+    """" (win)" or " (loss)", and whether the seeds' spread is as large as the difference."""
+    m, sd = mean_std(diffs)
+    word = "win" if m > 0 else "loss" if m < 0 else "tie"
+    return f" ({word}, within seed noise)" if sd is not None and abs(m) <= sd else f" ({word})"
+
+
 def table(results: dict) -> str:
     """Markdown: accuracy mean ± std, the difference to the baseline (paired by seed), epoch time."""
     base = [r["final_test_acc"] for r in results["lp"]]
@@ -72,8 +79,8 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for mode, runs in results.items():
         acc = [r["final_test_acc"] for r in runs]
-        diff = "—" if mode == "lp" else fmt([a - b for a, b in zip(acc, base)]) + (
-            " (win)" if mean_std([a - b for a, b in zip(acc, base)])[0] > 0 else " (loss)")
+        diff = "—" if mode == "lp" else fmt([a - b for a, b in zip(acc, base)]) + verdict(
+            [a - b for a, b in zip(acc, base)])
         lines.append(f"| {VARIANTS[mode]} | {fmt(acc)} | {diff} | {fmt([r['best_test_acc'] for r in runs])} | "
                      f"{fmt([r['mean_epoch_time'] for r in runs], 1)} | {fmt([r['mean_images_per_s'] for r in runs], 0)} |")
     return "\n".join(lines)

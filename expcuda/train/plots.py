@@ -36,6 +36,9 @@ def compare_curves(path: str, groups: dict[str, list[list[dict]]], f_curve, titl
         line, = ax.plot(epochs, acc.mean(0), "o-", label=f"{label} (mean of {len(runs)})")
         if len(runs) > 1:
             ax.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
+        now = np.array([[row["test_acc"] for row in r[:n]] for r in runs])
+        if not np.array_equal(now, acc):  # EXP-Net: also the expanded model at the current f
+            ax.plot(epochs, now.mean(0), "--", color=line.get_color(), label=f"{label} expanded, current f")
     if f_curve is not None:
         _f_axis(ax, f_curve)
     _finish(fig, ax, title, path)
