@@ -164,3 +164,31 @@ def test_async_decay_gives_the_last_layers_their_own_length():
     assert f[4] == 0.0 and f[5] > 0.3
     with pytest.raises(ValueError, match="would not reach f = 0"):
         build.make_decay(cfg.replace(async_decay=["11"]), model, steps_per_epoch=4)
+
+
+@pytest.mark.parametrize("preset", ["svhn", "cifar10"])
+def test_presets_train_from_their_file_formats(tmp_path, preset):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    if preset == "svhn":
+        scipy_io = pytest.importorskip("scipy.io")
+        for name, n in (("train", 64), ("test", 16)):
+            scipy_io.savemat(data / f"{name}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n)).astype(np.uint8),
+                                                          "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    else:
+        root = data / "cifar-10-batches-py"
+        root.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(root / name, "wb") as fh:
+                pickle.dump({b"data": rng.integers(0, 256, (16, 3072)).astype(np.uint8),
+                             b"labels": rng.integers(0, 10, 16).tolist()}, fh)
+    cfg = TrainConfig.from_preset(preset, data_dir=str(data), width=0.125, batch_size=16, epochs=2,
+                                  decay_steps="50%", out=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    assert summary["collapsed_test_acc"] == summary["final_test_acc"]
+    assert summary["config"]["optimizer"] == ("adam" if preset == "svhn" else "sgd")
