@@ -11,8 +11,10 @@ anyway) and the per-channel statistics, and recomputes everything else.
 Channels ``[0, c_lp)`` of ``z`` are the LP branch and ``[c_lp, C)`` the FP
 branch (``C == c_lp`` leaves only the LP branch: the folded block and the
 plain low-precision block).  Kernels: the C++ CPU kernel
-(``csrc/cpu/block_cpu.cpp``) when ``expcuda._C`` has it, Triton
-(``triton_epilogue.py``) when the backend dispatcher picks Triton, and
+(``csrc/cpu/block_cpu.cpp``) when ``expcuda._C`` has it, the CUDA kernel
+(``csrc/cuda/block_cuda.cu``) when the backend dispatcher picks ``cuda`` and
+``expcuda._C`` was built with it, Triton (``triton_epilogue.py``) when it
+picks Triton (or ``cuda`` without the CUDA kernel), and
 :func:`epilogue_fwd_torch` / :func:`epilogue_bwd_torch` otherwise.
 """
 
@@ -167,9 +169,17 @@ def _cpp_ready() -> bool:
         return False
 
 
-#: ``torch``, ``cpp`` or ``triton`` forces one epilogue kernel (the tests run each one)
+def _cuda_ready() -> bool:
+    """Whether ``expcuda._C`` was built with ``csrc/cuda/block_cuda.cu``."""
+    try:
+        return _ext.has_kernel("block_epilogue_fwd", "CUDA")
+    except RuntimeError:
+        return False
+
+
+#: ``torch``, ``cpp``, ``triton`` or ``cuda`` forces one epilogue kernel (the tests run each one)
 _forced_kernel: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("epilogue", default=None)
-KERNELS = ("torch", "cpp", "triton")
+KERNELS = ("torch", "cpp", "triton", "cuda")
 
 
 @contextlib.contextmanager
@@ -188,6 +198,11 @@ def kernel_unavailable(name: str) -> Optional[str]:
     """None when the epilogue kernel ``name`` can run here, else why not."""
     if name == "cpp" and not _cpp_ready():
         return "expcuda._C was not built with csrc/cpu/block_cpu.cpp"
+    if name == "cuda":
+        if not _cuda_ready():
+            return "expcuda._C was not built with csrc/cuda/block_cuda.cu"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
     if name == "triton":
         from expcuda.nn import triton_epilogue
         return triton_epilogue.unavailable()
@@ -195,7 +210,7 @@ def kernel_unavailable(name: str) -> Optional[str]:
 
 
 def _by_name(name: str):
-    if name == "cpp":
+    if name in ("cpp", "cuda"):  # torch.ops.expcuda_C: the dispatcher picks CPU or CUDA by device
         from expcuda.nn import cpp_epilogue
         return cpp_epilogue.forward, cpp_epilogue.backward
     if name == "triton":
@@ -218,6 +233,8 @@ def _kernels(z: Tensor):
         name = "reference"
     if name == "cpu" and z.device.type == "cpu" and _cpp_ready():
         return _by_name("cpp")
+    if name == "cuda" and z.is_cuda and kernel_unavailable("cuda") is None:
+        return _by_name("cuda")
     if name in ("triton", "cuda") and kernel_unavailable("triton") is None:
         return _by_name("triton")
     return _by_name("torch")
