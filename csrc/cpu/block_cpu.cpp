@@ -44,6 +44,7 @@ struct Norm {  // y = ((z - mean) * invstd) * w + b, as the reference orders it
 Cfg make_cfg(const Tensor& z, const Tensor& f, const c10::optional<Tensor>& step, int64_t c_lp,
              int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
              int64_t psi) {
+  TORCH_CHECK(z.numel() > 0, "block_epilogue: z must be non-empty (an empty batch has no statistics)");
   TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat && z.is_contiguous(),
               "block_epilogue: z must be a contiguous float32 (N, C, H, W) tensor");
   Cfg c;

@@ -27,7 +27,9 @@ def _has_cuda_kernel() -> bool:
 
 
 def _compiled(z) -> bool:
-    """Whether torch.ops.expcuda_C serves z's device and dtype."""
+    """Whether torch.ops.expcuda_C serves z's device and dtype (an empty batch stays in PyTorch)."""
+    if z.numel() == 0:
+        return False
     if z.is_cuda:
         return z.dtype in _CUDA_DTYPES and _has_cuda_kernel()
     return z.dtype == torch.float32
