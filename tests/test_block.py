@@ -43,7 +43,7 @@ def permuted_reference(block, x):
     xp = x[perm].detach().clone().requires_grad_(True)
     with use_backend("reference"):
         y = block(xp)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(y.device)
         y.backward(g[perm])
     res["out"] = y.detach()[perm]
     res["x.grad"] = xp.grad[perm]

@@ -24,7 +24,7 @@ def step(block, x, grad_seed=1, mode=None, kernel=None):
     kctx = epilogue.use_kernel(kernel) if kernel else contextlib.nullcontext()
     with ctx, kctx:
         y = block(x)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype).to(y.device)
         y.backward(g)
     result = {"out": y.detach(), "x.grad": x.grad}
     for name, p in block.named_parameters():
