@@ -47,13 +47,71 @@ def _backend(t: Tensor):
     return backends.select(t.device, t.dtype)
 
 
+# --------------------------------------------------------------------------- eager fast path
+
+_EAGER: dict = {}  # custom op -> (python body, setup_context, backward)
+
+
+def _custom_op(name: str, body):
+    """Register ``body`` as the custom op ``expcuda::name``; keep the body for eager calls."""
+    op = torch.library.custom_op(f"{LIB}::{name}", body, mutates_args=())
+    _EAGER[op] = (body, None, None)
+    return op
+
+
+def _autograd(op, backward, setup) -> None:
+    """register_autograd, and the same formula for the eager autograd.Function below."""
+    op.register_autograd(backward, setup_context=setup)
+    _EAGER[op] = (_EAGER[op][0], setup, backward)
+
+
+def call(ctx, op, *args):
+    """Run a backward custom op: its body directly under the eager Function, else the op.
+
+    The body and the op are one function; skipping the custom-op wrapper in
+    eager mode saves its Python overhead (measured: README, "What backward saves"),
+    while tracing (torch.compile, opcheck) needs the op itself.
+    """
+    if getattr(ctx, "eager", False):
+        return _EAGER[op][0](*args)
+    return op(*args)
+
+
+class _Eager(torch.autograd.Function):
+    """The registered autograd formula of a custom op, run as a plain autograd.Function."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        body, setup, _ = _EAGER[op]
+        out = body(*args)
+        setup(ctx, args, out)
+        ctx.op, ctx.eager = op, True
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*(t for t in out if not t.is_floating_point()))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _EAGER[ctx.op][2](ctx, *grads)
+        return (None,) + (tuple(grads) if isinstance(grads, tuple) else (grads,))
+
+
+def apply(op, *args):
+    """Forward with autograd: the custom op while compiling, the autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return _Eager.apply(op, *args)
+
+
 # --------------------------------------------------------------------------- packed-mask STE backward
 
-@torch.library.custom_op(f"{LIB}::ste_mask_backward", mutates_args=())
-def ste_mask_backward(grad: Tensor, mask: Tensor) -> Tensor:
+def _ste_mask_backward_impl(grad: Tensor, mask: Tensor) -> Tensor:
     if grad.numel() == 0:
         return torch.empty_like(grad)
     return _backend(grad).mask_bwd(grad, mask)
+
+
+ste_mask_backward = _custom_op("ste_mask_backward", _ste_mask_backward_impl)
 
 
 @ste_mask_backward.register_fake
@@ -69,7 +127,7 @@ def _masked_setup(ctx, inputs, output):
 
 def _masked_backward(ctx, grad_y, grad_mask):
     (mask,) = ctx.saved_tensors
-    grad_x = ste_mask_backward(as_layout(grad_y, ctx.out_stride), mask)
+    grad_x = call(ctx, ste_mask_backward, as_layout(grad_y, ctx.out_stride), mask)
     return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -77,17 +135,19 @@ def _register_masked(op, n_inputs: int) -> None:
     def setup(ctx, inputs, output):
         _masked_setup(ctx, inputs, output)
         ctx.n_inputs = n_inputs
-    op.register_autograd(_masked_backward, setup_context=setup)
+    _autograd(op, _masked_backward, setup)
 
 
 # --------------------------------------------------------------------------- DoReFa activations
 
-@torch.library.custom_op(f"{LIB}::dorefa_activation", mutates_args=())
-def dorefa_activation_op(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def _dorefa_activation_op_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), mask_like(x)
     return _backend(x).dorefa_activation_fwd(x, bits)
+
+
+dorefa_activation_op = _custom_op("dorefa_activation", _dorefa_activation_op_impl)
 
 
 @dorefa_activation_op.register_fake
@@ -100,12 +160,14 @@ _register_masked(dorefa_activation_op, 2)
 
 # --------------------------------------------------------------------------- sign activations
 
-@torch.library.custom_op(f"{LIB}::sign_activation", mutates_args=())
-def sign_activation_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def _sign_activation_op_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), mask_like(x)
     return _backend(x).sign_activation_fwd(x)
+
+
+sign_activation_op = _custom_op("sign_activation", _sign_activation_op_impl)
 
 
 @sign_activation_op.register_fake
@@ -118,12 +180,14 @@ _register_masked(sign_activation_op, 1)
 
 # --------------------------------------------------------------------------- DoReFa weights
 
-@torch.library.custom_op(f"{LIB}::dorefa_weight", mutates_args=())
-def dorefa_weight_op(w: Tensor, bits: int) -> Tensor:
+def _dorefa_weight_op_impl(w: Tensor, bits: int) -> Tensor:
     w = w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
     return _backend(w).dorefa_weight_fwd(w, bits)
+
+
+dorefa_weight_op = _custom_op("dorefa_weight", _dorefa_weight_op_impl)
 
 
 @dorefa_weight_op.register_fake
@@ -131,12 +195,14 @@ def _(w, bits):
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
-@torch.library.custom_op(f"{LIB}::dorefa_weight_backward", mutates_args=())
-def dorefa_weight_backward(grad: Tensor, w: Tensor, bits: int) -> Tensor:
+def _dorefa_weight_backward_impl(grad: Tensor, w: Tensor, bits: int) -> Tensor:
     grad, w = grad.contiguous(), w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
     return _backend(w).dorefa_weight_bwd(grad, w, bits)
+
+
+dorefa_weight_backward = _custom_op("dorefa_weight_backward", _dorefa_weight_backward_impl)
 
 
 @dorefa_weight_backward.register_fake
@@ -152,20 +218,22 @@ def _dorefa_weight_setup(ctx, inputs, output):
 
 def _dorefa_weight_grad(ctx, grad):
     (w,) = ctx.saved_tensors
-    return dorefa_weight_backward(grad, w, ctx.bits), None
+    return call(ctx, dorefa_weight_backward, grad, w, ctx.bits), None
 
 
-dorefa_weight_op.register_autograd(_dorefa_weight_grad, setup_context=_dorefa_weight_setup)
+_autograd(dorefa_weight_op, _dorefa_weight_grad, _dorefa_weight_setup)
 
 
 # --------------------------------------------------------------------------- XNOR weights
 
-@torch.library.custom_op(f"{LIB}::xnor_weight", mutates_args=())
-def xnor_weight_op(w: Tensor) -> Tensor:
+def _xnor_weight_op_impl(w: Tensor) -> Tensor:
     w = w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
     return _backend(w).xnor_weight_fwd(w)
+
+
+xnor_weight_op = _custom_op("xnor_weight", _xnor_weight_op_impl)
 
 
 @xnor_weight_op.register_fake
@@ -173,12 +241,14 @@ def _(w):
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
-@torch.library.custom_op(f"{LIB}::xnor_weight_backward", mutates_args=())
-def xnor_weight_backward(grad: Tensor, w: Tensor) -> Tensor:
+def _xnor_weight_backward_impl(grad: Tensor, w: Tensor) -> Tensor:
     grad, w = grad.contiguous(), w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
     return _backend(w).xnor_weight_bwd(grad, w)
+
+
+xnor_weight_backward = _custom_op("xnor_weight_backward", _xnor_weight_backward_impl)
 
 
 @xnor_weight_backward.register_fake
@@ -192,20 +262,22 @@ def _xnor_setup(ctx, inputs, output):
 
 def _xnor_grad(ctx, grad):
     (w,) = ctx.saved_tensors
-    return xnor_weight_backward(grad, w)
+    return call(ctx, xnor_weight_backward, grad, w)
 
 
-xnor_weight_op.register_autograd(_xnor_grad, setup_context=_xnor_setup)
+_autograd(xnor_weight_op, _xnor_grad, _xnor_setup)
 
 
 # --------------------------------------------------------------------------- SYQ weights
 
-@torch.library.custom_op(f"{LIB}::syq_weight", mutates_args=())
-def syq_weight_op(w: Tensor, scales: Tensor, eta: float, granularity: str) -> Tensor:
+def _syq_weight_op_impl(w: Tensor, scales: Tensor, eta: float, granularity: str) -> Tensor:
     w, scales = w.contiguous(), scales.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
     return _backend(w).syq_weight_fwd(w, scales, eta, granularity)
+
+
+syq_weight_op = _custom_op("syq_weight", _syq_weight_op_impl)
 
 
 @syq_weight_op.register_fake
@@ -213,13 +285,15 @@ def _(w, scales, eta, granularity):
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
-@torch.library.custom_op(f"{LIB}::syq_weight_backward", mutates_args=())
-def syq_weight_backward(grad: Tensor, w: Tensor, scales: Tensor, eta: float,
+def _syq_weight_backward_impl(grad: Tensor, w: Tensor, scales: Tensor, eta: float,
                         granularity: str) -> tuple[Tensor, Tensor]:
     grad, w, scales = grad.contiguous(), w.contiguous(), scales.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w), torch.zeros_like(scales)
     return _backend(w).syq_weight_bwd(grad, w, scales, eta, granularity)
+
+
+syq_weight_backward = _custom_op("syq_weight_backward", _syq_weight_backward_impl)
 
 
 @syq_weight_backward.register_fake
@@ -236,21 +310,23 @@ def _syq_setup(ctx, inputs, output):
 
 def _syq_grad(ctx, grad):
     w, scales = ctx.saved_tensors
-    dw, ds = syq_weight_backward(grad, w, scales, ctx.eta, ctx.granularity)
+    dw, ds = call(ctx, syq_weight_backward, grad, w, scales, ctx.eta, ctx.granularity)
     return dw, ds, None, None
 
 
-syq_weight_op.register_autograd(_syq_grad, setup_context=_syq_setup)
+_autograd(syq_weight_op, _syq_grad, _syq_setup)
 
 
 # --------------------------------------------------------------------------- LSQ
 
-@torch.library.custom_op(f"{LIB}::lsq", mutates_args=())
-def lsq_op(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
+def _lsq_op_impl(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _backend(x).lsq_fwd(x, step, bits, signed)
+
+
+lsq_op = _custom_op("lsq", _lsq_op_impl)
 
 
 @lsq_op.register_fake
@@ -258,13 +334,15 @@ def _(x, step, bits, signed):
     return empty_dense_like(x)
 
 
-@torch.library.custom_op(f"{LIB}::lsq_backward", mutates_args=())
-def lsq_backward(grad: Tensor, x: Tensor, step: Tensor, bits: int,
+def _lsq_backward_impl(grad: Tensor, x: Tensor, step: Tensor, bits: int,
                  signed: bool) -> tuple[Tensor, Tensor]:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step)
     return _backend(x).lsq_bwd(as_layout(grad, x.stride()), x, step, bits, signed)
+
+
+lsq_backward = _custom_op("lsq_backward", _lsq_backward_impl)
 
 
 @lsq_backward.register_fake
@@ -280,8 +358,8 @@ def _lsq_setup(ctx, inputs, output):
 
 def _lsq_grad(ctx, grad):
     x, step = ctx.saved_tensors
-    dx, ds = lsq_backward(grad, x, step, ctx.bits, ctx.signed)
+    dx, ds = call(ctx, lsq_backward, grad, x, step, ctx.bits, ctx.signed)
     return dx, ds, None, None
 
 
-lsq_op.register_autograd(_lsq_grad, setup_context=_lsq_setup)
+_autograd(lsq_op, _lsq_grad, _lsq_setup)
