@@ -27,10 +27,10 @@ def table(results: dict, baselines: list[str]) -> str:
     for group, rows in groups.items():
         base = next((b for b in baselines if b in rows), None)
         out.append(f"\n**{group}**\n")
-        out.append("| impl | median ms | vs " + (base or "-") + " | x floor |")
+        out.append("| impl | median ms | speed-up vs " + (base or "-") + " | x floor |")
         out.append("|---|---:|---:|---:|")
         for impl, t in sorted(rows.items(), key=lambda kv: kv[1]):
-            speedup = f"{rows[base] / t:.2f}x faster" if base else "-"
+            speedup = f"{rows[base] / t:.2f}x" if base else "-"
             floor = f"{t / rows['floor']:.2f}" if "floor" in rows else "-"
             out.append(f"| {impl} | {1e3 * t:.3f} | {speedup} | {floor} |")
     return "\n".join(out)
