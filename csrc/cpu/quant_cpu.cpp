@@ -484,9 +484,11 @@ Tensor syq_weight_fwd(const Tensor& w_in, const Tensor& scales, double eta, int6
     float thr = syq_threshold(ws, w.numel(), eta);
     const float* ps = pos_scale.data();
     int64_t P = lay.positions;
-    at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        os[i] = static_cast<scalar_t>(qm::syq_fwd(static_cast<float>(ws[i]), thr, ps[i % P]));
+    // rows of P kernel positions: no per-element modulo (an integer division each)
+    at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t p = 0; p < P; ++p)
+          os[o * P + p] = static_cast<scalar_t>(qm::syq_fwd(static_cast<float>(ws[o * P + p]), thr, ps[p]));
     });
   });
   return out;
@@ -533,8 +535,9 @@ std::tuple<Tensor, Tensor> syq_weight_bwd(const Tensor& grad, const Tensor& w_in
     float thr = syq_threshold(ws, w.numel(), eta);
     const float* ps = pos_scale.data();
     int64_t P = lay.positions;
-    at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) os[i] = static_cast<scalar_t>(qm::syq_dw(gs[i], ps[i % P]));
+    at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t p = 0; p < P; ++p) os[o * P + p] = static_cast<scalar_t>(qm::syq_dw(gs[o * P + p], ps[p]));
     });
     std::vector<double> ds = syq_scale_grad(ws, gs, thr, lay);
     for (int64_t k = 0; k < lay.groups; ++k) ds32.mutable_data_ptr<float>()[k] = static_cast<float>(ds[k]);
