@@ -232,7 +232,7 @@ def test_opcheck_epilogue():
     step_ = torch.tensor(0.3, requires_grad=True)
     for args in ((3, 1e-5, 2, "add", "dorefa", 2, "clip", "identity"),
                  (4, 1e-5, 1, "concat", "lsq", 2, "relu", "relu")):
-        torch.library.opcheck(epilogue.block_epilogue,
+        torch.library.opcheck(epilogue.block_epilogue_op,
                               (z, w, b, torch.tensor(0.5), step_ if args[4] == "lsq" else None) + args)
 
 

@@ -10,6 +10,7 @@ import torch
 import expcuda
 from expcuda import quant as Q
 from expcuda._backends import reference as ref
+from expcuda._custom import apply
 from expcuda.backends import load
 from tests.conftest import backend_device
 
@@ -368,7 +369,7 @@ def test_custom_op_autograd_equals_eager_path(name, args):
     for via_op in (True, False):
         leaves = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a
                        for a in args)
-        out = op(*leaves) if via_op else expcuda.quant.ops.apply(getattr(expcuda.quant.ops, f"{name}_op"), *leaves)
+        out = op(*leaves) if via_op else apply(getattr(expcuda.quant.ops, f"{name}_op"), *leaves)
         out = out[0] if isinstance(out, tuple) else out
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
         grads.append((out.detach(), [a.grad for a in leaves if isinstance(a, torch.Tensor)]))

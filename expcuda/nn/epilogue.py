@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from expcuda import _ext, backends
+from expcuda._custom import apply, autograd, call, define
 
 F32 = torch.float32
 COMBINES = {"add": 0, "sub": 1, "concat": 2}
@@ -242,8 +243,7 @@ def _kernels(z: Tensor):
 
 # --------------------------------------------------------------------------- the custom ops
 
-@torch.library.custom_op("expcuda::block_epilogue", mutates_args=())
-def block_epilogue(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
+def _block_epilogue_body(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
                    c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,
                    phi: str, psi: str) -> tuple[Tensor, Tensor, Tensor]:
     z = z.contiguous()
@@ -251,15 +251,17 @@ def block_epilogue(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Opt
     return fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi)
 
 
-@block_epilogue.register_fake
+block_epilogue_op = define("expcuda::block_epilogue", _block_epilogue_body)
+
+
+@block_epilogue_op.register_fake
 def _(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi):
     n, c, h, w = z.shape
     out = z.new_empty((n, out_channels(c, c_lp, combine), h, w))
     return out, z.new_empty((c,), dtype=F32), z.new_empty((c,), dtype=F32)
 
 
-@torch.library.custom_op("expcuda::block_epilogue_backward", mutates_args=())
-def block_epilogue_backward(grad: Tensor, z: Tensor, weight: Tensor, bias: Tensor, f: Tensor,
+def _block_epilogue_backward_body(grad: Tensor, z: Tensor, weight: Tensor, bias: Tensor, f: Tensor,
                             step: Optional[Tensor], mean: Tensor, var: Tensor, c_lp: int, eps: float,
                             scheme: int, combine: str, a_quant: str, a_bits: int, phi: str,
                             psi: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -267,6 +269,9 @@ def block_epilogue_backward(grad: Tensor, z: Tensor, weight: Tensor, bias: Tenso
     _, bwd = _kernels(z)
     return bwd(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
                a_bits, phi, psi)
+
+
+block_epilogue_backward = define("expcuda::block_epilogue_backward", _block_epilogue_backward_body)
 
 
 @block_epilogue_backward.register_fake
@@ -286,10 +291,15 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad, _gmean, _gvar):
     z, weight, bias, f, step, mean, var = ctx.saved_tensors
-    dz, dw, db, ds = block_epilogue_backward(grad, z, weight, bias, f, step if ctx.has_step else None,
+    dz, dw, db, ds = call(ctx, block_epilogue_backward, grad, z, weight, bias, f, step if ctx.has_step else None,
                                              mean, var, *ctx.rest)
     dstep = ds.to(step.dtype).reshape(step.shape) if ctx.has_step else None
     return (dz, dw, db, None, dstep) + (None,) * len(ctx.rest)
 
 
-block_epilogue.register_autograd(_backward, setup_context=_setup)
+autograd(block_epilogue_op, _backward, _setup)
+
+
+def block_epilogue(*args):
+    """The fused epilogue with autograd (see ``expcuda._custom`` for the eager path)."""
+    return apply(block_epilogue_op, *args)

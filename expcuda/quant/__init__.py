@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from expcuda import _checks
+from expcuda._custom import apply
 from expcuda.quant import ops
 
 GRANULARITY_RANK = {"pixel": 2, "row": 1, "layer": 0}
@@ -24,27 +25,27 @@ def dorefa_activation(x: Tensor, bits: int) -> Tensor:
     _checks.integer("bits", bits, 1, 8, extra=(32,))
     if bits == 32:
         return x
-    return ops.apply(ops.dorefa_activation_op, x, bits)[0]
+    return apply(ops.dorefa_activation_op, x, bits)[0]
 
 
 def sign_activation(x: Tensor) -> Tensor:
     """``sign(x)`` with the STE ``dx = dy * [|x| <= 1]`` (BNN / XNOR-Net activations)."""
     _checks.float_tensor("x", x)
-    return ops.apply(ops.sign_activation_op, x)[0]
+    return apply(ops.sign_activation_op, x)[0]
 
 
 def dorefa_weight(w: Tensor, bits: int) -> Tensor:
     """DoReFa weights: the tanh form for ``bits >= 2``, ``sign(w) * mean|w|`` for 1."""
     _checks.float_tensor("w", w)
     _checks.integer("bits", bits, 1, 8)
-    return ops.apply(ops.dorefa_weight_op, w, bits)
+    return apply(ops.dorefa_weight_op, w, bits)
 
 
 def xnor_weight(w: Tensor) -> Tensor:
     """XNOR-Net weights: ``sign(w)`` times each output filter's ``mean|w|``."""
     _checks.float_tensor("w", w)
     _checks.rank("w", w, (2, 4), "(out, in) or (out, in, kh, kw): the scale is per output filter")
-    return ops.apply(ops.xnor_weight_op, w)
+    return apply(ops.xnor_weight_op, w)
 
 
 def syq_weight(w: Tensor, scales: Tensor, eta: float = 0.0, granularity: str = "pixel") -> Tensor:
@@ -63,7 +64,7 @@ def syq_weight(w: Tensor, scales: Tensor, eta: float = 0.0, granularity: str = "
     if tuple(scales.shape) != expected:
         raise ValueError(f"scales must have shape {expected} for granularity {granularity!r} "
                          f"and w of shape {tuple(w.shape)}, got {tuple(scales.shape)}")
-    return ops.apply(ops.syq_weight_op, w, scales, float(eta), granularity)
+    return apply(ops.syq_weight_op, w, scales, float(eta), granularity)
 
 
 def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = False) -> Tensor:
@@ -76,4 +77,4 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = False) -> Tensor:
         raise ValueError(f"step must be a positive scalar tensor, got shape {tuple(step.shape)}")
     if step.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(step.detach() > 0):
         raise ValueError(f"step must be a positive scalar tensor, got {step.item()}")
-    return ops.apply(ops.lsq_op, x, step, bits, bool(signed))
+    return apply(ops.lsq_op, x, step, bits, bool(signed))

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 from expcuda import backends
+from expcuda._custom import autograd, call, define
 
 LIB = "expcuda"
 
@@ -47,62 +48,6 @@ def _backend(t: Tensor):
     return backends.select(t.device, t.dtype)
 
 
-# --------------------------------------------------------------------------- eager fast path
-
-_EAGER: dict = {}  # custom op -> (python body, setup_context, backward)
-
-
-def _custom_op(name: str, body):
-    """Register ``body`` as the custom op ``expcuda::name``; keep the body for eager calls."""
-    op = torch.library.custom_op(f"{LIB}::{name}", body, mutates_args=())
-    _EAGER[op] = (body, None, None)
-    return op
-
-
-def _autograd(op, backward, setup) -> None:
-    """register_autograd, and the same formula for the eager autograd.Function below."""
-    op.register_autograd(backward, setup_context=setup)
-    _EAGER[op] = (_EAGER[op][0], setup, backward)
-
-
-def call(ctx, op, *args):
-    """Run a backward custom op: its body directly under the eager Function, else the op.
-
-    The body and the op are one function; skipping the custom-op wrapper in
-    eager mode saves its Python overhead (measured: README, "What backward saves"),
-    while tracing (torch.compile, opcheck) needs the op itself.
-    """
-    if getattr(ctx, "eager", False):
-        return _EAGER[op][0](*args)
-    return op(*args)
-
-
-class _Eager(torch.autograd.Function):
-    """The registered autograd formula of a custom op, run as a plain autograd.Function."""
-
-    @staticmethod
-    def forward(ctx, op, *args):
-        body, setup, _ = _EAGER[op]
-        out = body(*args)
-        setup(ctx, args, out)
-        ctx.op, ctx.eager = op, True
-        if isinstance(out, tuple):
-            ctx.mark_non_differentiable(*(t for t in out if not t.is_floating_point()))
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = _EAGER[ctx.op][2](ctx, *grads)
-        return (None,) + (tuple(grads) if isinstance(grads, tuple) else (grads,))
-
-
-def apply(op, *args):
-    """Forward with autograd: the custom op while compiling, the autograd.Function otherwise."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return _Eager.apply(op, *args)
-
-
 # --------------------------------------------------------------------------- packed-mask STE backward
 
 def _ste_mask_backward_impl(grad: Tensor, mask: Tensor) -> Tensor:
@@ -111,7 +56,7 @@ def _ste_mask_backward_impl(grad: Tensor, mask: Tensor) -> Tensor:
     return _backend(grad).mask_bwd(grad, mask)
 
 
-ste_mask_backward = _custom_op("ste_mask_backward", _ste_mask_backward_impl)
+ste_mask_backward = define(f"{LIB}::ste_mask_backward", _ste_mask_backward_impl)
 
 
 @ste_mask_backward.register_fake
@@ -135,7 +80,7 @@ def _register_masked(op, n_inputs: int) -> None:
     def setup(ctx, inputs, output):
         _masked_setup(ctx, inputs, output)
         ctx.n_inputs = n_inputs
-    _autograd(op, _masked_backward, setup)
+    autograd(op, _masked_backward, setup)
 
 
 # --------------------------------------------------------------------------- DoReFa activations
@@ -147,7 +92,7 @@ def _dorefa_activation_op_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return _backend(x).dorefa_activation_fwd(x, bits)
 
 
-dorefa_activation_op = _custom_op("dorefa_activation", _dorefa_activation_op_impl)
+dorefa_activation_op = define(f"{LIB}::dorefa_activation", _dorefa_activation_op_impl)
 
 
 @dorefa_activation_op.register_fake
@@ -167,7 +112,7 @@ def _sign_activation_op_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     return _backend(x).sign_activation_fwd(x)
 
 
-sign_activation_op = _custom_op("sign_activation", _sign_activation_op_impl)
+sign_activation_op = define(f"{LIB}::sign_activation", _sign_activation_op_impl)
 
 
 @sign_activation_op.register_fake
@@ -187,7 +132,7 @@ def _dorefa_weight_op_impl(w: Tensor, bits: int) -> Tensor:
     return _backend(w).dorefa_weight_fwd(w, bits)
 
 
-dorefa_weight_op = _custom_op("dorefa_weight", _dorefa_weight_op_impl)
+dorefa_weight_op = define(f"{LIB}::dorefa_weight", _dorefa_weight_op_impl)
 
 
 @dorefa_weight_op.register_fake
@@ -202,7 +147,7 @@ def _dorefa_weight_backward_impl(grad: Tensor, w: Tensor, bits: int) -> Tensor:
     return _backend(w).dorefa_weight_bwd(grad, w, bits)
 
 
-dorefa_weight_backward = _custom_op("dorefa_weight_backward", _dorefa_weight_backward_impl)
+dorefa_weight_backward = define(f"{LIB}::dorefa_weight_backward", _dorefa_weight_backward_impl)
 
 
 @dorefa_weight_backward.register_fake
@@ -221,7 +166,7 @@ def _dorefa_weight_grad(ctx, grad):
     return call(ctx, dorefa_weight_backward, grad, w, ctx.bits), None
 
 
-_autograd(dorefa_weight_op, _dorefa_weight_grad, _dorefa_weight_setup)
+autograd(dorefa_weight_op, _dorefa_weight_grad, _dorefa_weight_setup)
 
 
 # --------------------------------------------------------------------------- XNOR weights
@@ -233,7 +178,7 @@ def _xnor_weight_op_impl(w: Tensor) -> Tensor:
     return _backend(w).xnor_weight_fwd(w)
 
 
-xnor_weight_op = _custom_op("xnor_weight", _xnor_weight_op_impl)
+xnor_weight_op = define(f"{LIB}::xnor_weight", _xnor_weight_op_impl)
 
 
 @xnor_weight_op.register_fake
@@ -248,7 +193,7 @@ def _xnor_weight_backward_impl(grad: Tensor, w: Tensor) -> Tensor:
     return _backend(w).xnor_weight_bwd(grad, w)
 
 
-xnor_weight_backward = _custom_op("xnor_weight_backward", _xnor_weight_backward_impl)
+xnor_weight_backward = define(f"{LIB}::xnor_weight_backward", _xnor_weight_backward_impl)
 
 
 @xnor_weight_backward.register_fake
@@ -265,7 +210,7 @@ def _xnor_grad(ctx, grad):
     return call(ctx, xnor_weight_backward, grad, w)
 
 
-_autograd(xnor_weight_op, _xnor_grad, _xnor_setup)
+autograd(xnor_weight_op, _xnor_grad, _xnor_setup)
 
 
 # --------------------------------------------------------------------------- SYQ weights
@@ -277,7 +222,7 @@ def _syq_weight_op_impl(w: Tensor, scales: Tensor, eta: float, granularity: str)
     return _backend(w).syq_weight_fwd(w, scales, eta, granularity)
 
 
-syq_weight_op = _custom_op("syq_weight", _syq_weight_op_impl)
+syq_weight_op = define(f"{LIB}::syq_weight", _syq_weight_op_impl)
 
 
 @syq_weight_op.register_fake
@@ -293,7 +238,7 @@ def _syq_weight_backward_impl(grad: Tensor, w: Tensor, scales: Tensor, eta: floa
     return _backend(w).syq_weight_bwd(grad, w, scales, eta, granularity)
 
 
-syq_weight_backward = _custom_op("syq_weight_backward", _syq_weight_backward_impl)
+syq_weight_backward = define(f"{LIB}::syq_weight_backward", _syq_weight_backward_impl)
 
 
 @syq_weight_backward.register_fake
@@ -314,7 +259,7 @@ def _syq_grad(ctx, grad):
     return dw, ds, None, None
 
 
-_autograd(syq_weight_op, _syq_grad, _syq_setup)
+autograd(syq_weight_op, _syq_grad, _syq_setup)
 
 
 # --------------------------------------------------------------------------- LSQ
@@ -326,7 +271,7 @@ def _lsq_op_impl(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
     return _backend(x).lsq_fwd(x, step, bits, signed)
 
 
-lsq_op = _custom_op("lsq", _lsq_op_impl)
+lsq_op = define(f"{LIB}::lsq", _lsq_op_impl)
 
 
 @lsq_op.register_fake
@@ -342,7 +287,7 @@ def _lsq_backward_impl(grad: Tensor, x: Tensor, step: Tensor, bits: int,
     return _backend(x).lsq_bwd(as_layout(grad, x.stride()), x, step, bits, signed)
 
 
-lsq_backward = _custom_op("lsq_backward", _lsq_backward_impl)
+lsq_backward = define(f"{LIB}::lsq_backward", _lsq_backward_impl)
 
 
 @lsq_backward.register_fake
@@ -362,4 +307,4 @@ def _lsq_grad(ctx, grad):
     return dx, ds, None, None
 
 
-_autograd(lsq_op, _lsq_grad, _lsq_setup)
+autograd(lsq_op, _lsq_grad, _lsq_setup)
