@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 from typing import Iterator, Optional
@@ -50,13 +51,15 @@ def forced_backend() -> Optional[str]:
     return name
 
 
+@functools.cache
 def load(name: str):
     """The backend module ``expcuda.quant.<name>``-style object for ``name``."""
     return importlib.import_module(f"expcuda._backends.{name}")
 
 
+@functools.cache
 def availability(name: str) -> Optional[str]:
-    """None when the backend can run at all on this machine, else why not."""
+    """None when the backend can run at all in this process, else why not (asked once)."""
     try:
         module = load(name)
     except ImportError as exc:  # e.g. a broken Triton install

@@ -23,7 +23,9 @@ LIB = "expcuda"
 
 def dense(x: Tensor) -> Tensor:
     """x itself if its storage is a dense block (any layout), else a contiguous copy."""
-    return x if is_non_overlapping_and_dense(x) else x.contiguous()
+    if x.is_contiguous() or is_non_overlapping_and_dense(x):  # the first test is the cheap one
+        return x
+    return x.contiguous()
 
 
 def empty_dense_like(x: Tensor, dtype=None) -> Tensor:
