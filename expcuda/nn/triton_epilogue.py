@@ -39,16 +39,7 @@ def unavailable() -> Optional[str]:
 
 
 if _REASON is None:
-    @triton.jit
-    def _rint(v):
-        # |v| < 2**23: adding and removing 2**23 rounds half to even; larger values are integers
-        magic = tl.where(v < 0.0, -8388608.0, 8388608.0)
-        r = tl.where(tl.abs(v) < 8388608.0, (v + magic) - magic, v)
-        return tl.where(r == 0.0, v * 0.0, r)
-
-    @triton.jit
-    def _clamp(v, lo, hi):
-        return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+    from expcuda.quant.triton_kernels import _clamp, _rint  # the quantizers' rounding and clip
 
     @triton.jit
     def _phi(y, KIND: tl.constexpr):

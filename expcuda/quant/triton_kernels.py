@@ -94,8 +94,6 @@ def _clamp(v, lo, hi):
     return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
 
 
-
-
 @triton.jit
 def _pack_bits(keep, BLOCK: tl.constexpr):
     """BLOCK 0/1 flags -> BLOCK // 8 bytes, element 8i+j in bit j of byte i."""
