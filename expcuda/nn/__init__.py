@@ -1,9 +1,6 @@
 """Modules of EXP-Net: the expanded block, the plain low-precision block, expand and collapse."""
 
 from expcuda.nn.block import ExpandedConv2d, LowPrecisionConv2d
+from expcuda.nn.expand import ConcatInput, collapse, expand
 
-__all__ = ["ExpandedConv2d", "LowPrecisionConv2d"]
-
-from expcuda.nn.expand import ConcatInput, collapse, expand  # noqa: E402
-
-__all__ += ["expand", "collapse", "ConcatInput"]
+__all__ = ["ExpandedConv2d", "LowPrecisionConv2d", "expand", "collapse", "ConcatInput"]
