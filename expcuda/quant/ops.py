@@ -70,19 +70,13 @@ def _masked_setup(ctx, inputs, output):
     y, mask = output
     ctx.save_for_backward(mask)
     ctx.out_stride = y.stride()
+    ctx.n_inputs = len(inputs)
 
 
 def _masked_backward(ctx, grad_y, grad_mask):
     (mask,) = ctx.saved_tensors
     grad_x = call(ctx, ste_mask_backward, as_layout(grad_y, ctx.out_stride), mask)
     return (grad_x,) + (None,) * (ctx.n_inputs - 1)
-
-
-def _register_masked(op, n_inputs: int) -> None:
-    def setup(ctx, inputs, output):
-        _masked_setup(ctx, inputs, output)
-        ctx.n_inputs = n_inputs
-    autograd(op, _masked_backward, setup)
 
 
 # --------------------------------------------------------------------------- DoReFa activations
@@ -102,7 +96,7 @@ def _(x, bits):
     return empty_dense_like(x), mask_like(x)
 
 
-_register_masked(dorefa_activation_op, 2)
+autograd(dorefa_activation_op, _masked_backward, _masked_setup)
 
 
 # --------------------------------------------------------------------------- sign activations
@@ -122,7 +116,7 @@ def _(x):
     return empty_dense_like(x), mask_like(x)
 
 
-_register_masked(sign_activation_op, 1)
+autograd(sign_activation_op, _masked_backward, _masked_setup)
 
 
 # --------------------------------------------------------------------------- DoReFa weights
