@@ -465,6 +465,14 @@ SyqLayout syq_layout(const Tensor& w, const Tensor& scales, int64_t granularity)
   return lay;
 }
 
+// The float32 scale of each kernel position, from scales of any float dtype.
+std::vector<float> position_scales(const SyqLayout& lay, const Tensor& scales) {
+  Tensor sc = scales.to(at::kFloat).contiguous();
+  std::vector<float> out(lay.positions);
+  for (int64_t p = 0; p < lay.positions; ++p) out[p] = sc.const_data_ptr<float>()[lay.scale_of[p]];
+  return out;
+}
+
 // thr = float32(eta) * max|w|.
 template <typename T>
 float syq_threshold(const T* w, int64_t n, double eta) {
@@ -474,9 +482,7 @@ float syq_threshold(const T* w, int64_t n, double eta) {
 Tensor syq_weight_fwd(const Tensor& w_in, const Tensor& scales, double eta, int64_t granularity) {
   Tensor w = w_in.contiguous();
   SyqLayout lay = syq_layout(w, scales, granularity);
-  Tensor sc = scales.to(at::kFloat).contiguous();
-  std::vector<float> pos_scale(lay.positions);  // the scale of each kernel position
-  for (int64_t p = 0; p < lay.positions; ++p) pos_scale[p] = sc.const_data_ptr<float>()[lay.scale_of[p]];
+  std::vector<float> pos_scale = position_scales(lay, scales);
   Tensor out = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "syq_weight_fwd", [&] {
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
@@ -523,11 +529,9 @@ std::tuple<Tensor, Tensor> syq_weight_bwd(const Tensor& grad, const Tensor& w_in
   SyqLayout lay = syq_layout(w, scales, granularity);
   TORCH_CHECK(grad.sizes() == w.sizes(), "expcuda_C: grad shape does not match w");
   Tensor g = grad.to(at::kFloat).contiguous();
-  Tensor sc = scales.to(at::kFloat).contiguous();
-  std::vector<float> pos_scale(lay.positions);
-  for (int64_t p = 0; p < lay.positions; ++p) pos_scale[p] = sc.const_data_ptr<float>()[lay.scale_of[p]];
+  std::vector<float> pos_scale = position_scales(lay, scales);
   Tensor dw = at::empty_like(w);
-  Tensor ds32 = at::empty({lay.groups}, sc.options());
+  Tensor ds32 = at::empty({lay.groups}, scales.options().dtype(at::kFloat));
   const float* gs = g.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "syq_weight_bwd", [&] {
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
