@@ -114,6 +114,25 @@ def test_fused_geometry(kernel, opts):
     check_block(make(**opts).train(), inputs(), kernel)
 
 
+CHANNELS_LAST = [
+    dict(), dict(combine="sub", fp_activation="relu"), dict(out_channels=11), dict(expand=False),
+    dict(a_quant="sign", w_quant="xnor"), dict(pool=nn.MaxPool2d(2)),
+    dict(combine="concat", fp_ratio=0.5), dict(a_quant="lsq", scheme=1),
+]
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("opts", CHANNELS_LAST, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_channels_last_input(kernel, opts):
+    """A channels_last activation stays channels_last, output and input gradient, and is right."""
+    block = make(**opts).train()
+    x = inputs(shape=(3, 4, 7, 9)).to(memory_format=torch.channels_last)
+    check_block(block, x, kernel)
+    got = step(block, x, kernel=kernel)
+    assert got["out"].is_contiguous(memory_format=torch.channels_last)
+    assert got["x.grad"].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5),
                                   dict(a_quant="lsq", w_quant="xnor", combine="sub")])
@@ -230,10 +249,12 @@ def test_opcheck_epilogue():
     w = torch.rand(6, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
     step_ = torch.tensor(0.3, requires_grad=True)
+    z_cl = z.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     for args in ((3, 1e-5, 2, "add", "dorefa", 2, "clip", "identity"),
                  (4, 1e-5, 1, "concat", "lsq", 2, "relu", "relu")):
-        torch.library.opcheck(epilogue.block_epilogue_op,
-                              (z, w, b, torch.tensor(0.5), step_ if args[4] == "lsq" else None) + args)
+        for zz in (z, z_cl):
+            torch.library.opcheck(epilogue.block_epilogue_op,
+                                  (zz, w, b, torch.tensor(0.5), step_ if args[4] == "lsq" else None) + args)
 
 
 def test_torch_compile_matches_eager():

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "common/quant_math.h"
@@ -45,8 +46,9 @@ Cfg make_cfg(const Tensor& z, const Tensor& f, const c10::optional<Tensor>& step
              int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
              int64_t psi) {
   TORCH_CHECK(z.numel() > 0, "block_epilogue: z must be non-empty (an empty batch has no statistics)");
-  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat && z.is_contiguous(),
-              "block_epilogue: z must be a contiguous float32 (N, C, H, W) tensor");
+  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat &&
+                  (z.is_contiguous() || z.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "block_epilogue: z must be a float32 (N, C, H, W) tensor, contiguous or channels_last");
   Cfg c;
   c.n = z.size(0);
   c.c_tot = z.size(1);
@@ -565,17 +567,197 @@ inline void channel_params(const Norm& nm, int64_t ch, float* p) {
   p[3] = nm.b[ch];
 }
 
+// ----------------------------------------------------------------------------- channels_last
+// z as a (pixels, C) matrix: the channels of one pixel are adjacent, so the fast kernels run
+// on 8 channels at a time with per-lane parameters instead of one channel's splats.  Pixels
+// go in fixed blocks of kPixBlock: per-block float sums, added in block order in double, so
+// the result does not depend on the thread count.
+
+constexpr int64_t kPixBlock = 256;
+
+bool channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+struct ClParams {  // per channel, padded to a multiple of 8 (padding: mean 0, invstd 0, ...)
+  std::vector<float> m, i, w, b, sc, a, bb;
+  int64_t padded;
+  ClParams(const Norm& nm, int64_t ch) : padded((ch + 7) / 8 * 8 + 8) {
+    for (auto* v : {&m, &i, &w, &b, &sc, &a, &bb}) v->assign(padded, 0.f);
+    std::copy(nm.mean.begin(), nm.mean.end(), m.begin());
+    std::copy(nm.invstd.begin(), nm.invstd.end(), i.begin());
+    std::copy(nm.w.begin(), nm.w.end(), w.begin());
+    std::copy(nm.b.begin(), nm.b.end(), b.begin());
+  }
+};
+
+AI void cl_consts(FastConsts& k, const ClParams& p, int64_t c1, int64_t c2, float fs, float lv) {
+  k.m1 = load8(&p.m[c1]); k.i1 = load8(&p.i[c1]); k.w1 = load8(&p.w[c1]); k.b1 = load8(&p.b[c1]);
+  k.m2 = load8(&p.m[c2]); k.i2 = load8(&p.i[c2]); k.w2 = load8(&p.w[c2]); k.b2 = load8(&p.b[c2]);
+  k.zero = splat(0.f); k.one = splat(1.f); k.vf = splat(fs); k.vl = splat(lv);
+  k.magic = splat(qm::kTwo23);
+}
+
+// z's row of pixel q, 8 channels from ch (zero padded past `valid`)
+AI v8f cl_load(const float* row, int64_t ch, int64_t valid) {
+  if (valid >= 8) return load8(row + ch);
+  float t[8] = {0};
+  for (int64_t j = 0; j < valid; ++j) t[j] = row[ch + j];
+  return load8(t);
+}
+
+AI void cl_store(float* row, int64_t ch, int64_t valid, v8f v) {
+  if (valid >= 8) { store8(row + ch, v); return; }
+  float t[8];
+  store8(t, v);
+  for (int64_t j = 0; j < valid; ++j) row[ch + j] = t[j];
+}
+
+// Per block of pixels [q0, q1): the float sums of d = z - k and d^2 per channel into s, ss.
+ROW_KERNEL void cl_moments(const float* z, int64_t C, int64_t q0, int64_t q1, const float* k,
+                           float* s, float* ss) {
+  for (int64_t ch = 0; ch < C; ++ch) { s[ch] = 0.f; ss[ch] = 0.f; }
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* r = z + q * C;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      float d = r[ch] - k[ch];
+      s[ch] += d;
+      ss[ch] += d * d;
+    }
+  }
+}
+
+// Mean and biased variance per channel of a channels_last z (the NCHW pass's method: sums
+// about a shift k, the first block's mean, to keep E[d^2] - E[d]^2's cancellation small).
+void cl_stats(const float* z, int64_t P, int64_t C, float* mp, float* vp) {
+  const int64_t nb = (P + kPixBlock - 1) / kPixBlock;
+  std::vector<float> k(C, 0.f), part(2 * nb * C);
+  std::vector<float> tmp(C);
+  cl_moments(z, C, 0, std::min(P, kPixBlock), k.data(), tmp.data(), part.data());
+  const float first = static_cast<float>(std::min(P, kPixBlock));
+  for (int64_t ch = 0; ch < C; ++ch) k[ch] = tmp[ch] / first;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl)
+      cl_moments(z, C, bl * kPixBlock, std::min(P, (bl + 1) * kPixBlock), k.data(),
+                 &part[bl * C], &part[(nb + bl) * C]);
+  });
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double s = 0, ss = 0;
+    for (int64_t bl = 0; bl < nb; ++bl) {
+      s += part[bl * C + ch];
+      ss += part[(nb + bl) * C + ch];
+    }
+    const double dmean = s / static_cast<double>(P);
+    mp[ch] = static_cast<float>(static_cast<double>(k[ch]) + dmean);
+    vp[ch] = static_cast<float>(std::max(ss / static_cast<double>(P) - dmean * dmean, 0.0));
+  }
+}
+
+template <int LP, int PSI>
+AI void cl_fwd_impl(const float* z, float* out, int64_t C, int64_t c_lp, int64_t c_out,
+                    int64_t q0, int64_t q1, const ClParams& p, float fs, float lv) {
+  for (int64_t co = 0; co < c_out; co += 8) {
+    const int64_t valid = std::min<int64_t>(8, c_out - co);
+    FastConsts k;
+    cl_consts(k, p, co, PSI == kNoFp ? co : c_lp + co, fs, lv);
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* r = z + q * C;
+      v8f za = cl_load(r, co, valid);
+      v8f zb = PSI == kNoFp ? za : cl_load(r, c_lp + co, valid);
+      cl_store(out + q * c_out, co, valid, fast_fwd_body<LP, PSI>(k, za, zb));
+    }
+  }
+}
+
+// FINAL = false: per-channel float sums of dy and dy * xhat over the block into
+// sums[0..4) x C (LP channel co: sums[0][co], sums[1][co]; its FP channel: sums[2][co],
+// sums[3][co]).  FINAL = true: dz = sc * (dy - a - xhat * bb) with ClParams' coefficients.
+template <int LP, int PSI, bool FINAL>
+AI void cl_bwd_impl(const float* z, const float* g, float* dz, int64_t C, int64_t c_lp,
+                    int64_t c_out, int64_t q0, int64_t q1, const ClParams& p, float fs,
+                    float* sums) {
+  for (int64_t co = 0; co < c_out; co += 8) {
+    const int64_t valid = std::min<int64_t>(8, c_out - co);
+    const int64_t c2 = PSI == kNoFp ? co : c_lp + co;
+    FastConsts k;
+    cl_consts(k, p, co, c2, fs, 1.f);
+    FastSums s{k.zero, k.zero, k.zero, k.zero};
+    v8f sc1 = load8(&p.sc[co]), a1 = load8(&p.a[co]), bb1 = load8(&p.bb[co]);
+    v8f sc2 = load8(&p.sc[c2]), a2 = load8(&p.a[c2]), bb2 = load8(&p.bb[c2]);
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* r = z + q * C;
+      v8f za = cl_load(r, co, valid);
+      v8f zb = PSI == kNoFp ? za : cl_load(r, c2, valid);
+      v8f o1, o2;
+      fast_bwd_body<LP, PSI>(k, za, zb, cl_load(g + q * c_out, co, valid), o1, o2, s);
+      if (FINAL) {
+        cl_store(dz + q * C, co, valid, sc1 * (o1 - a1 - ((za - k.m1) * k.i1) * bb1));
+        if (PSI != kNoFp) cl_store(dz + q * C, c2, valid, sc2 * (o2 - a2 - ((zb - k.m2) * k.i2) * bb2));
+      }
+    }
+    if (!FINAL) {
+      v8f* acc[4] = {&s.s1, &s.sx1, &s.s2, &s.sx2};
+      for (int j = 0; j < 4; ++j) {
+        float t[8];
+        store8(t, *acc[j]);
+        for (int64_t l = 0; l < valid; ++l) sums[j * c_out + co + l] = t[l];
+      }
+    }
+  }
+}
+
+ROW_KERNEL void cl_fwd_block(int lp, int64_t psi, const float* z, float* out, int64_t C,
+                             int64_t c_lp, int64_t c_out, int64_t q0, int64_t q1,
+                             const ClParams& p, float fs, float lv) {
+#define CALL(A, B) cl_fwd_impl<A, B>(z, out, C, c_lp, c_out, q0, q1, p, fs, lv)
+  FAST_DISPATCH(lp, psi, CALL)
+#undef CALL
+}
+
+ROW_KERNEL void cl_bwd_block(int lp, int64_t psi, bool final_pass, const float* z,
+                             const float* g, float* dz, int64_t C, int64_t c_lp, int64_t c_out,
+                             int64_t q0, int64_t q1, const ClParams& p, float fs, float* sums) {
+#define CALL(A, B)                                                              \
+  if (final_pass) cl_bwd_impl<A, B, true>(z, g, dz, C, c_lp, c_out, q0, q1, p, fs, sums); \
+  else cl_bwd_impl<A, B, false>(z, g, dz, C, c_lp, c_out, q0, q1, p, fs, sums);
+  FAST_DISPATCH(lp, psi, CALL)
+#undef CALL
+}
+
 std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
     const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
     const c10::optional<Tensor>& step, int64_t c_lp, double eps, int64_t scheme, int64_t combine,
     int64_t a_quant, int64_t a_bits, int64_t phi, int64_t psi) {
   Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
+  const int fast = fast_lp_kind(c);
+  const bool cl = channels_last(z);
+  if (cl && fast < 0) {  // the general row kernels walk NCHW rows
+    auto r = block_epilogue_fwd(z.contiguous(), weight, bias, f, step, c_lp, eps, scheme, combine,
+                                a_quant, a_bits, phi, psi);
+    return {std::get<0>(r).contiguous(at::MemoryFormat::ChannelsLast), std::get<1>(r),
+            std::get<2>(r)};
+  }
   const float* zp = z.const_data_ptr<float>();
   Tensor mean = at::empty({c.c_tot}, z.options());
   Tensor var = at::empty({c.c_tot}, z.options());
   float* mp = mean.data_ptr<float>();
   float* vp = var.data_ptr<float>();
   const double count = static_cast<double>(c.n * c.hw);
+  const float fs = c.combine == kSub ? -c.f : c.f;
+  if (cl) {
+    cl_stats(zp, c.n * c.hw, c.c_tot, mp, vp);
+    ClParams p(make_norm(weight, bias, mean, var, eps), c.c_tot);
+    Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)},
+                           z.options().memory_format(at::MemoryFormat::ChannelsLast));
+    float* op = out.data_ptr<float>();
+    const int64_t P = c.n * c.hw, nb = (P + kPixBlock - 1) / kPixBlock;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl)
+        cl_fwd_block(fast, c.fp ? c.psi : kNoFp, zp, op, c.c_tot, c.c_lp, c.c_out, bl * kPixBlock,
+                     std::min(P, (bl + 1) * kPixBlock), p, fs, c.levels);
+    });
+    return {out, mean, var};
+  }
   // statistics: per channel, the mean, then the centered squares (float per row, double across)
   at::parallel_for(0, c.c_tot, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
@@ -597,8 +779,6 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
   Norm nm = make_norm(weight, bias, mean, var, eps);
   Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
   float* op = out.data_ptr<float>();
-  const int fast = fast_lp_kind(c);
-  const float fs = c.combine == kSub ? -c.f : c.f;
   at::parallel_for(0, c.n * c.c_out, 1, [&](int64_t r0, int64_t r1) {
     if (fast >= 0) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -632,14 +812,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     double eps, int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
     int64_t psi) {
   Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == at::kFloat && grad.dim() == 4 &&
-                  grad.size(1) == c.c_out,
-              "block_epilogue_bwd: grad must be contiguous float32 shaped like the output");
+  const int fast = fast_lp_kind(c);
+  const bool cl = channels_last(z);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(grad.is_contiguous(fmt) && grad.scalar_type() == at::kFloat && grad.dim() == 4 &&
+                  grad.size(0) == c.n && grad.size(1) == c.c_out && grad.size(2) == z.size(2) &&
+                  grad.size(3) == z.size(3),
+              "block_epilogue_bwd: grad must be float32, shaped like the output and laid out like z");
+  if (cl && fast < 0) {  // the general row kernels walk NCHW rows
+    auto r = block_epilogue_bwd(grad.contiguous(), z.contiguous(), weight, bias, f, step, mean, var,
+                                c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi);
+    std::get<0>(r) = std::get<0>(r).contiguous(at::MemoryFormat::ChannelsLast);
+    return r;
+  }
   Norm nm = make_norm(weight, bias, mean, var, eps);
   const float* zp = z.const_data_ptr<float>();
   const float* gp = grad.const_data_ptr<float>();
   const int64_t hw = c.hw;
+  const int64_t P = c.n * hw, nb = (P + kPixBlock - 1) / kPixBlock;
   std::vector<double> sum_g(c.c_tot, 0.0), sum_gx(c.c_tot, 0.0), ds_part(c.c_out, 0.0);
+  std::optional<ClParams> clp;
+  if (cl) clp.emplace(nm, c.c_tot);
   // sum over a row of g and of g * xhat
   auto row_sums = [&](const Norm& nm, int64_t ch, const float* zr, const float* gr, double& s,
                       double& sx) {
@@ -650,10 +843,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
   };
   // pass 1: per output channel (its LP and FP channels belong to it alone, so no races):
   // dy into dz, and the per-channel sums of dy and dy * xhat
-  Tensor dz = at::empty_like(z);
+  Tensor dz = at::empty_like(z, fmt);
   float* dp = dz.data_ptr<float>();
-  const int fast = fast_lp_kind(c);
   const float fs = c.combine == kSub ? -c.f : c.f;
+  const int64_t psi_cl = c.fp ? c.psi : kNoFp;
+  if (cl) {  // per pixel block: float sums per channel, then double across blocks in order
+    std::vector<float> part(nb * 4 * c.c_out);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl)
+        cl_bwd_block(fast, psi_cl, false, zp, gp, nullptr, c.c_tot, c.c_lp, c.c_out,
+                     bl * kPixBlock, std::min(P, (bl + 1) * kPixBlock), *clp, fs,
+                     &part[bl * 4 * c.c_out]);
+    });
+    for (int64_t co = 0; co < c.c_out; ++co) {
+      double acc[4] = {0, 0, 0, 0};
+      for (int64_t bl = 0; bl < nb; ++bl)
+        for (int j = 0; j < 4; ++j) acc[j] += part[(bl * 4 + j) * c.c_out + co];
+      sum_g[co] = acc[0];
+      sum_gx[co] = acc[1];
+      if (c.fp) { sum_g[c.c_lp + co] = acc[2]; sum_gx[c.c_lp + co] = acc[3]; }
+    }
+  } else
   at::parallel_for(0, c.c_out, 1, [&](int64_t o0, int64_t o1) {
     if (fast >= 0) {
       for (int64_t co = o0; co < o1; ++co) {
@@ -703,7 +913,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     a[ch] = static_cast<float>(static_cast<float>(sum_g[ch]) / count);
     bcoef[ch] = static_cast<float>(static_cast<float>(sum_gx[ch]) / count);
   }
-  if (fast >= 0) {  // pass 2: recompute dy and write dz
+  if (cl) {  // pass 2: recompute dy and write dz
+    for (int64_t ch = 0; ch < c.c_tot; ++ch) {
+      clp->sc[ch] = scale[ch];
+      clp->a[ch] = a[ch];
+      clp->bb[ch] = bcoef[ch];
+    }
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl)
+        cl_bwd_block(fast, psi_cl, true, zp, gp, dp, c.c_tot, c.c_lp, c.c_out, bl * kPixBlock,
+                     std::min(P, (bl + 1) * kPixBlock), *clp, fs, nullptr);
+    });
+  } else if (fast >= 0) {  // pass 2: recompute dy and write dz
     at::parallel_for(0, c.n * c.c_out, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         int64_t i = r / c.c_out, co = r % c.c_out, c1, c2;

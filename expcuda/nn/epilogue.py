@@ -243,12 +243,32 @@ def _kernels(z: Tensor):
 
 # --------------------------------------------------------------------------- the custom ops
 
+def layout(z: Tensor) -> torch.memory_format:
+    """The memory format the epilogue's outputs (and dz) share with z: channels_last or NCHW."""
+    if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _keeps_layout(kernel, z: Tensor) -> bool:
+    """Whether the kernel takes z as it is: the PyTorch kernels take any layout, the C++ CPU
+    kernel takes channels_last too; the others want NCHW-contiguous z."""
+    if kernel in (epilogue_fwd_torch, epilogue_bwd_torch):
+        return True
+    from expcuda.nn import cpp_epilogue
+    return (kernel in (cpp_epilogue.forward, cpp_epilogue.backward) and not z.is_cuda
+            and layout(z) == torch.channels_last)
+
 def _block_epilogue_body(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
                    c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,
                    phi: str, psi: str) -> tuple[Tensor, Tensor, Tensor]:
-    z = z.contiguous()
+    fmt = layout(z)
     fwd, _ = _kernels(z)
-    return fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi)
+    if not _keeps_layout(fwd, z):
+        z = z.contiguous()
+    out, mean, var = fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,
+                         phi, psi)
+    return out.contiguous(memory_format=fmt), mean, var
 
 
 block_epilogue_op = define("expcuda::block_epilogue", _block_epilogue_body)
@@ -257,7 +277,7 @@ block_epilogue_op = define("expcuda::block_epilogue", _block_epilogue_body)
 @block_epilogue_op.register_fake
 def _(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi):
     n, c, h, w = z.shape
-    out = z.new_empty((n, out_channels(c, c_lp, combine), h, w))
+    out = z.new_empty((n, out_channels(c, c_lp, combine), h, w)).contiguous(memory_format=layout(z))
     return out, z.new_empty((c,), dtype=F32), z.new_empty((c,), dtype=F32)
 
 
@@ -265,10 +285,15 @@ def _block_epilogue_backward_body(grad: Tensor, z: Tensor, weight: Tensor, bias:
                             step: Optional[Tensor], mean: Tensor, var: Tensor, c_lp: int, eps: float,
                             scheme: int, combine: str, a_quant: str, a_bits: int, phi: str,
                             psi: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grad, z = grad.contiguous(), z.contiguous()
+    fmt = layout(z)
     _, bwd = _kernels(z)
-    return bwd(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
-               a_bits, phi, psi)
+    if not _keeps_layout(bwd, z):
+        z, fmt_in = z.contiguous(), torch.contiguous_format
+    else:
+        fmt_in = fmt
+    dz, dw, db, ds = bwd(grad.contiguous(memory_format=fmt_in), z, weight, bias, f, step, mean, var,
+                         c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi)
+    return dz.contiguous(memory_format=fmt), dw, db, ds
 
 
 block_epilogue_backward = define("expcuda::block_epilogue_backward", _block_epilogue_backward_body)
@@ -277,7 +302,7 @@ block_epilogue_backward = define("expcuda::block_epilogue_backward", _block_epil
 @block_epilogue_backward.register_fake
 def _(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits, phi,
       psi):
-    return (torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(weight),
+    return (torch.empty_like(z, memory_format=layout(z)), torch.empty_like(weight),
             torch.empty_like(bias), z.new_empty((), dtype=F32))
 
 
