@@ -3,6 +3,8 @@
     PYTHONPATH=. python -m pytest benchmarks/benchmark_block.py --benchmark-group-by=group \
         --benchmark-columns=min,median,mean,rounds
 
+    python benchmarks/benchmark_block.py 30 channels_last   # rounds, layouts
+
 On a shared machine the tests' sequential timings drift with the neighbours'
 load; ``python benchmarks/benchmark_block.py [rounds]`` runs the same steps
 interleaved, round after round, and prints each one's best time and the
@@ -30,6 +32,9 @@ from expcuda.nn import ExpandedConv2d, LowPrecisionConv2d
 
 SHAPES = {"svhn-0.25x": (16, 18), "svhn-1x": (64, 18)}
 BATCH = 128
+#: activations' memory format: the svhn net on Fashion-MNIST runs channels_last end to end
+#: (its 1-channel input is both layouts at once, and mkldnn then picks channels_last)
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _block(kind, c):
@@ -51,14 +56,15 @@ KINDS = ["expanded-fused", "expanded-reference", "expanded-fold", "lp-block", "f
          "bare-two-convs", "bare-stacked-conv", "bare-one-conv"]
 
 
-def make_step(shape, kind):
+def make_step(shape, kind, layout="nchw"):
     """(the training step as a no-argument callable, the input whose gradient it fills)."""
     c, hw = SHAPES[shape]
-    x = torch.rand(BATCH, c, hw, hw, requires_grad=True)
-    grad = torch.randn(BATCH, c, hw, hw)
+    fmt = LAYOUTS[layout]
+    x = torch.rand(BATCH, c, hw, hw).to(memory_format=fmt).requires_grad_(True)
+    grad = torch.randn(BATCH, c, hw, hw).to(memory_format=fmt)
     if kind == "bare-stacked-conv":  # the two convolutions as one, on stacked weights
         w = torch.randn(2 * c, c, 3, 3, requires_grad=True)
-        grad2 = torch.randn(BATCH, 2 * c, hw, hw)
+        grad2 = torch.randn(BATCH, 2 * c, hw, hw).to(memory_format=fmt)
 
         def run():
             F.conv2d(x, w, padding=1).backward(grad2)
@@ -82,20 +88,21 @@ def make_step(shape, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_block_training_step(benchmark, shape, kind):
-    run, x = make_step(shape, kind)
-    benchmark.group = shape
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_block_training_step(benchmark, layout, shape, kind):
+    run, x = make_step(shape, kind, layout)
+    benchmark.group = f"{shape} {layout}"
     run()  # warm up: allocator, kernel choices
     benchmark.pedantic(run, rounds=15 if SHAPES[shape][0] <= 16 else 8, warmup_rounds=2, iterations=1)
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def interleaved(rounds: int = 10) -> None:
+def interleaved(rounds: int = 10, layouts=tuple(LAYOUTS)) -> None:
     """Best wall and CPU time of every step, measured round-robin, and the target ratios."""
     import time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH}")
-    for shape in SHAPES:
-        steps = {kind: make_step(shape, kind)[0] for kind in KINDS}
+    for shape, layout in ((s, l) for l in layouts for s in SHAPES):
+        steps = {kind: make_step(shape, kind, layout)[0] for kind in KINDS}
         wall = {k: float("inf") for k in KINDS}
         cpu = dict(wall)
         for fn in steps.values():
@@ -106,7 +113,7 @@ def interleaved(rounds: int = 10) -> None:
                 fn()
                 wall[kind] = min(wall[kind], time.perf_counter() - t0)
                 cpu[kind] = min(cpu[kind], time.process_time() - c0)
-        print(f"\n{shape}: best of {rounds} (ms)      wall      cpu")
+        print(f"\n{shape} {layout}: best of {rounds} (ms)      wall      cpu")
         for kind in KINDS:
             print(f"  {kind:22s} {wall[kind] * 1e3:9.2f} {cpu[kind] * 1e3:8.2f}")
         for a, b in (("expanded-reference", "expanded-fused"), ("expanded-fused", "bare-two-convs"),
@@ -117,4 +124,4 @@ def interleaved(rounds: int = 10) -> None:
 
 if __name__ == "__main__":
     import sys
-    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 10, tuple(sys.argv[2:]) or tuple(LAYOUTS))
