@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expcuda import backends
-from expcuda.nn import reference
+from expcuda.nn import reference, sync_bn
 from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
                                    check_choice)
 
@@ -132,8 +132,9 @@ class LowPrecisionConv2d(nn.Module):
         return self.lp_bn(self.conv(x, self.lp_weight(extra)))
 
     def use_fused(self) -> bool:
-        """Fused kernels unless ``fused=False`` or the reference backend is forced."""
-        if self.fused is False:
+        """Fused kernels unless ``fused=False``, the reference backend is forced or BN is synced
+        across DDP ranks (the fused epilogue's statistics are this rank's)."""
+        if self.fused is False or sync_bn.is_synced(self.lp_bn):
             return False
         return backends.forced_backend() != "reference"
 

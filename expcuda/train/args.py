@@ -54,6 +54,8 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--workers", type=int, help="image-decoding processes (ImageNet folders)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines stay)")
+    g.add_argument("--no-sync-bn", action="store_true",
+                   help="DDP: BatchNorm statistics per rank (the fused kernels) instead of the global batch's")
 
 
 def overrides(ns: argparse.Namespace, skip=()) -> dict:
@@ -71,6 +73,7 @@ def overrides(ns: argparse.Namespace, skip=()) -> dict:
         values["mode"] = "fp"
     values["resume"] = bool(getattr(ns, "resume", False))
     values["progress"] = not getattr(ns, "no_progress", False)
+    values["sync_bn"] = not getattr(ns, "no_sync_bn", False)
     return values
 
 

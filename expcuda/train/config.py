@@ -54,6 +54,7 @@ class TrainConfig:
     progress: bool = True
     threads: Optional[int] = None
     workers: int = 2
+    sync_bn: bool = True  # DDP: BatchNorm statistics over the global batch (see expcuda.nn.sync_bn)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "TrainConfig":

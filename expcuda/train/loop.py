@@ -16,9 +16,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from expcuda import models
+from expcuda.nn import sync_bn
 from expcuda.train import build, checkpoint, distributed, export, metrics, plots
 from expcuda.train.atomic import write_text
 from expcuda.train.config import TrainConfig
@@ -43,6 +45,9 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.bundle, self.model_cfg = build.load_data(cfg)
         self.model = models.build(self.model_cfg).to(d.device)
+        if d.enabled and cfg.sync_bn:  # the statistics of the global batch, as one process has them
+            self.model = (nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if d.device.type == "cuda"
+                          else sync_bn.convert(self.model))
         self.train_loader = self.bundle.loader("train", cfg.batch_size // d.world, seed=cfg.seed, rank=d.rank,
                                                world=d.world, workers=cfg.workers)
         self.test_loader = self.bundle.loader("test", EVAL_BATCH, rank=d.rank, world=d.world, workers=cfg.workers)

@@ -1,0 +1,43 @@
+"""expcuda.nn.sync_bn without a process group: the conversion, and plain BatchNorm's behaviour."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expcuda import models
+from expcuda.nn import ExpandedConv2d, sync_bn
+
+
+def test_convert_shares_parameters_and_keeps_keys():
+    torch.manual_seed(0)
+    model = models.svhn_net(0.125, num_classes=10, in_channels=1, mode="exp")
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    converted = sync_bn.convert(model)
+    assert list(converted.state_dict()) == keys
+    assert all(p is params[n] for n, p in converted.named_parameters())  # an optimizer stays valid
+    bns = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(type(m) is sync_bn.SyncBatchNorm2d for m in bns)
+
+
+def test_without_process_group_it_is_batchnorm():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    synced = sync_bn.convert(nn.Sequential(bn))
+    x = torch.randn(4, 5, 3, 3)
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()  # F.batch_norm updates these
+    want = nn.functional.batch_norm(x, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+    assert torch.equal(synced(x), want)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_synced_block_runs_reference_composition():
+    block = ExpandedConv2d(4, 6, 3, padding=1).train()
+    assert block.use_fused()
+    sync_bn.convert(block)
+    assert sync_bn.is_synced(block.lp_bn) and not block.use_fused()
