@@ -96,6 +96,19 @@ def test_bad_checkpoints_are_refused_and_kept(straight, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
 
+def test_checkpoint_from_before_a_new_field_resumes(tmp_path):
+    """A TrainConfig field added after a checkpoint was written counts as its default on resume."""
+    with pytest.raises(Interrupted):
+        train(tiny(tmp_path), on_step=interrupt_at({5: signal.SIGINT}))
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["train_config"]["sync_bn"]  # as written before sync_bn existed
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="sync_bn: checkpoint True, now False"):
+        train(tiny(tmp_path, resume=True, sync_bn=False))
+    assert train(tiny(tmp_path, resume=True))["epochs"] == 2
+
+
 def test_collapse_mismatch_fails_loudly(tmp_path, monkeypatch):
     real = expcuda.collapse
 

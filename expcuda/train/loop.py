@@ -9,6 +9,7 @@ single process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -76,7 +77,10 @@ class Run:
         cfg = self.cfg
         if cfg.resume:
             state = checkpoint.load(self.ckpt_path)
-            checkpoint.check_same_run(self.ckpt_path, state["train_config"], cfg.identity())
+            # a field added to TrainConfig after the checkpoint was written counts as its default
+            saved_identity = {**dataclasses.asdict(TrainConfig()), **state["train_config"]}
+            saved_identity = {k: v for k, v in saved_identity.items() if k in cfg.identity()}
+            checkpoint.check_same_run(self.ckpt_path, saved_identity, cfg.identity())
             if state["world"] != self.d.world:
                 raise checkpoint.CheckpointError(
                     f"{self.ckpt_path} was written by {state['world']} process(es), this run has {self.d.world}; "
