@@ -574,6 +574,7 @@ inline void channel_params(const Norm& nm, int64_t ch, float* p) {
 // the result does not depend on the thread count.
 
 constexpr int64_t kPixBlock = 256;
+constexpr int64_t kImgBlock = 4;  // NCHW: images per block of the statistics passes
 
 bool channels_last(const Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -758,24 +759,36 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
     });
     return {out, mean, var};
   }
-  // statistics: per channel, the mean, then the centered squares (float per row, double across)
-  at::parallel_for(0, c.c_tot, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      // one pass: sums of (z - k) and (z - k)^2 about the first row's mean k, which keeps the
-      // cancellation of var = E[d^2] - E[d]^2 small; float lanes per row, double across rows
-      const float k = row_sum(zp + ch * c.hw, c.hw) / static_cast<float>(c.hw);
-      double s = 0, ss = 0;
-      for (int64_t i = 0; i < c.n; ++i) {
-        float a, b;
-        row_moments(zp + (i * c.c_tot + ch) * c.hw, k, c.hw, a, b);
-        s += a;
-        ss += b;
-      }
-      const double dmean = s / count;
-      mp[ch] = static_cast<float>(static_cast<double>(k) + dmean);
-      vp[ch] = static_cast<float>(std::max(ss / count - dmean * dmean, 0.0));
+  // statistics in one pass: sums of (z - k) and (z - k)^2 about the first image's per-channel
+  // mean k, which keeps the cancellation of var = E[d^2] - E[d]^2 small; float lanes per row,
+  // double across rows.  Images go in fixed blocks, read in memory order.
+  std::vector<float> k(c.c_tot);
+  for (int64_t ch = 0; ch < c.c_tot; ++ch)
+    k[ch] = row_sum(zp + ch * c.hw, c.hw) / static_cast<float>(c.hw);
+  const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock;
+  std::vector<double> part(nb * 2 * c.c_tot, 0.0);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      double* s = &part[bl * 2 * c.c_tot];
+      for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
+        for (int64_t ch = 0; ch < c.c_tot; ++ch) {
+          float a, b;
+          row_moments(zp + (i * c.c_tot + ch) * c.hw, k[ch], c.hw, a, b);
+          s[ch] += a;
+          s[c.c_tot + ch] += b;
+        }
     }
   });
+  for (int64_t ch = 0; ch < c.c_tot; ++ch) {
+    double s = 0, ss = 0;
+    for (int64_t bl = 0; bl < nb; ++bl) {
+      s += part[bl * 2 * c.c_tot + ch];
+      ss += part[bl * 2 * c.c_tot + c.c_tot + ch];
+    }
+    const double dmean = s / count;
+    mp[ch] = static_cast<float>(static_cast<double>(k[ch]) + dmean);
+    vp[ch] = static_cast<float>(std::max(ss / count - dmean * dmean, 0.0));
+  }
   Norm nm = make_norm(weight, bias, mean, var, eps);
   Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
   float* op = out.data_ptr<float>();
@@ -863,30 +876,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
       sum_gx[co] = acc[1];
       if (c.fp) { sum_g[c.c_lp + co] = acc[2]; sum_gx[c.c_lp + co] = acc[3]; }
     }
+  } else if (fast >= 0) {  // image blocks in memory order; per block, double sums per channel
+    const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock;
+    std::vector<double> part(nb * 4 * c.c_out, 0.0);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        double* acc = &part[bl * 4 * c.c_out];
+        for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
+          for (int64_t co = 0; co < c.c_out; ++co) {
+            int64_t c1, c2;
+            sources(c, co, c1, c2);
+            float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f}, sums[4];
+            channel_params(nm, c1, p1);
+            if (c2 >= 0) channel_params(nm, c2, p2);
+            const int64_t o1r = (i * c.c_tot + c1) * hw;
+            const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
+            fast_bwd_row(fast, c2 >= 0 ? c.psi : kNoFp, zp + o1r, zp + o2r,
+                         gp + (i * c.c_out + co) * hw, dp + o1r, dp + o2r, hw, p1, p2, fs, sums);
+            for (int j = 0; j < 4; ++j) acc[j * c.c_out + co] += sums[j];
+          }
+      }
+    });
+    for (int64_t co = 0; co < c.c_out; ++co) {
+      int64_t c1, c2;
+      sources(c, co, c1, c2);
+      double acc[4] = {0, 0, 0, 0};
+      for (int64_t bl = 0; bl < nb; ++bl)
+        for (int j = 0; j < 4; ++j) acc[j] += part[(bl * 4 + j) * c.c_out + co];
+      sum_g[c1] = acc[0];
+      sum_gx[c1] = acc[1];
+      if (c2 >= 0) { sum_g[c2] = acc[2]; sum_gx[c2] = acc[3]; }
+    }
   } else
   at::parallel_for(0, c.c_out, 1, [&](int64_t o0, int64_t o1) {
-    if (fast >= 0) {
-      for (int64_t co = o0; co < o1; ++co) {
-        int64_t c1, c2;
-        sources(c, co, c1, c2);
-        float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f}, sums[4];
-        channel_params(nm, c1, p1);
-        if (c2 >= 0) channel_params(nm, c2, p2);
-        const int64_t psi_k = c2 >= 0 ? c.psi : kNoFp;
-        double acc[4] = {0, 0, 0, 0};
-        for (int64_t i = 0; i < c.n; ++i) {
-          const int64_t o1r = (i * c.c_tot + c1) * hw;
-          const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
-          fast_bwd_row(fast, psi_k, zp + o1r, zp + o2r, gp + (i * c.c_out + co) * hw, dp + o1r,
-                       dp + o2r, hw, p1, p2, fs, sums);
-          for (int j = 0; j < 4; ++j) acc[j] += sums[j];
-        }
-        sum_g[c1] = acc[0];
-        sum_gx[c1] = acc[1];
-        if (c2 >= 0) { sum_g[c2] = acc[2]; sum_gx[c2] = acc[3]; }
-      }
-      return;
-    }
     Rows rows(hw);
     for (int64_t co = o0; co < o1; ++co) {
       int64_t c1, c2;
