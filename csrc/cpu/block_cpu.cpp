@@ -907,27 +907,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
       sum_gx[c1] = acc[1];
       if (c2 >= 0) { sum_g[c2] = acc[2]; sum_gx[c2] = acc[3]; }
     }
-  } else
-  at::parallel_for(0, c.c_out, 1, [&](int64_t o0, int64_t o1) {
-    Rows rows(hw);
-    for (int64_t co = o0; co < o1; ++co) {
-      int64_t c1, c2;
-      sources(c, co, c1, c2);
-      double s1 = 0, sx1 = 0, s2 = 0, sx2 = 0, ds = 0;
-      for (int64_t i = 0; i < c.n; ++i) {
-        const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
-        const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
-        float* d1 = c1 >= 0 ? dp + (i * c.c_tot + c1) * hw : nullptr;
-        float* d2 = c2 >= 0 ? dp + (i * c.c_tot + c2) * hw : nullptr;
-        ds += backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows, d1, d2);
-        if (z1) row_sums(nm, c1, z1, d1, s1, sx1);
-        if (z2) row_sums(nm, c2, z2, d2, s2, sx2);
+  } else {  // the general rows, also in image blocks: dy into dz, sums per channel, LSQ's sum
+    const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock, width = 2 * c.c_tot + c.c_out;
+    std::vector<double> part(nb * width, 0.0);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      Rows rows(hw);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        double* acc = &part[bl * width];  // [sum dy | sum dy * xhat] per channel, then ds per co
+        for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
+          for (int64_t co = 0; co < c.c_out; ++co) {
+            int64_t c1, c2;
+            sources(c, co, c1, c2);
+            const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
+            const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
+            float* d1 = c1 >= 0 ? dp + (i * c.c_tot + c1) * hw : nullptr;
+            float* d2 = c2 >= 0 ? dp + (i * c.c_tot + c2) * hw : nullptr;
+            acc[2 * c.c_tot + co] +=
+                backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows, d1, d2);
+            if (z1) row_sums(nm, c1, z1, d1, acc[c1], acc[c.c_tot + c1]);
+            if (z2) row_sums(nm, c2, z2, d2, acc[c2], acc[c.c_tot + c2]);
+          }
       }
-      if (c1 >= 0) { sum_g[c1] = s1; sum_gx[c1] = sx1; }
-      if (c2 >= 0) { sum_g[c2] = s2; sum_gx[c2] = sx2; }
-      ds_part[co] = ds;
+    });
+    for (int64_t bl = 0; bl < nb; ++bl) {
+      const double* acc = &part[bl * width];
+      for (int64_t ch = 0; ch < c.c_tot; ++ch) {
+        sum_g[ch] += acc[ch];
+        sum_gx[ch] += acc[c.c_tot + ch];
+      }
+      for (int64_t co = 0; co < c.c_out; ++co) ds_part[co] += acc[2 * c.c_tot + co];
     }
-  });
+  }
   const double count = static_cast<double>(c.n * hw);
   std::vector<float> scale(c.c_tot), a(c.c_tot), bcoef(c.c_tot);
   for (int64_t ch = 0; ch < c.c_tot; ++ch) {
