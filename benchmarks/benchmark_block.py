@@ -7,8 +7,9 @@
 
 On a shared machine the tests' sequential timings drift with the neighbours'
 load; ``python benchmarks/benchmark_block.py [rounds]`` runs the same steps
-interleaved, round after round, and prints each one's best time and the
-ratios the targets are stated in, so every candidate sees the same conditions.
+interleaved, round after round, and prints each one's best and median time
+and the ratios the targets are stated in, so every candidate sees the same
+conditions.
 
 Per shape (batch 128, 3x3 convolution, padding 1): the expanded block's fused
 path, the naive reference composition of the same block, the folded block,
@@ -98,28 +99,33 @@ def test_block_training_step(benchmark, layout, shape, kind):
 
 
 def interleaved(rounds: int = 10, layouts=tuple(LAYOUTS)) -> None:
-    """Best wall and CPU time of every step, measured round-robin, and the target ratios."""
+    """Best and median wall time and best CPU time of every step, measured round-robin, and the
+    target ratios of the best times (the median shows how much the neighbours' load moved them)."""
+    import statistics
     import time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH}")
     for shape, layout in ((s, l) for l in layouts for s in SHAPES):
         steps = {kind: make_step(shape, kind, layout)[0] for kind in KINDS}
-        wall = {k: float("inf") for k in KINDS}
-        cpu = dict(wall)
+        walls = {k: [] for k in KINDS}
+        cpu = {k: float("inf") for k in KINDS}
         for fn in steps.values():
             fn()
         for _ in range(rounds):
             for kind, fn in steps.items():
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                wall[kind] = min(wall[kind], time.perf_counter() - t0)
+                walls[kind].append(time.perf_counter() - t0)
                 cpu[kind] = min(cpu[kind], time.process_time() - c0)
-        print(f"\n{shape} {layout}: best of {rounds} (ms)      wall      cpu")
+        wall = {k: min(v) for k, v in walls.items()}
+        median = {k: statistics.median(v) for k, v in walls.items()}
+        print(f"\n{shape} {layout}: {rounds} rounds (ms)  best wall  median wall  best cpu")
         for kind in KINDS:
-            print(f"  {kind:22s} {wall[kind] * 1e3:9.2f} {cpu[kind] * 1e3:8.2f}")
+            print(f"  {kind:22s} {wall[kind] * 1e3:9.2f} {median[kind] * 1e3:12.2f} {cpu[kind] * 1e3:9.2f}")
         for a, b in (("expanded-reference", "expanded-fused"), ("expanded-fused", "bare-two-convs"),
                      ("expanded-fused", "bare-stacked-conv"), ("lp-block", "fp-conv-bn-relu"),
                      ("expanded-fold", "lp-block")):
-            print(f"  {a} / {b}: wall {wall[a] / wall[b]:.2f}x, cpu {cpu[a] / cpu[b]:.2f}x")
+            print(f"  {a} / {b}: best {wall[a] / wall[b]:.2f}x, median {median[a] / median[b]:.2f}x, "
+                  f"cpu {cpu[a] / cpu[b]:.2f}x")
 
 
 if __name__ == "__main__":
