@@ -41,3 +41,11 @@ def test_synced_block_runs_reference_composition():
     assert block.use_fused()
     sync_bn.convert(block)
     assert sync_bn.is_synced(block.lp_bn) and not block.use_fused()
+
+
+def test_cli_flag_turns_sync_off():
+    from expcuda.train.args import config_from_args, parser
+
+    assert config_from_args(parser().parse_args(["--preset", "fmnist"])).sync_bn is True
+    cfg = config_from_args(parser().parse_args(["--preset", "fmnist", "--no-sync-bn"]))
+    assert cfg.sync_bn is False and "sync_bn" in cfg.identity()  # resuming must keep the choice
