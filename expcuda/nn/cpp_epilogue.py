@@ -1,9 +1,11 @@
 """The compiled epilogue behind the epilogue kernel interface: ``torch.ops.expcuda_C``.
 
 The dispatcher runs the C++ CPU kernel (``csrc/cpu/block_cpu.cpp``) on CPU tensors and
-the CUDA kernel (``csrc/cuda/block_cuda.cu``) on CUDA tensors.  The CPU kernel serves
-float32, the CUDA kernel float32, float16 and bfloat16; other dtypes (and CUDA tensors
-when the extension was built without CUDA) go to the PyTorch kernels.
+the CUDA kernel (``csrc/cuda/block_cuda.cu``) on CUDA tensors.  The CUDA kernel serves
+float32, float16 and bfloat16; the CPU kernel float32, and float16 and bfloat16 through
+a float32 copy of z (the PyTorch kernels compute in float32 too, so the results agree);
+other dtypes (and CUDA tensors when the extension was built without CUDA) go to the
+PyTorch kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from expcuda import _ext
 from expcuda.nn import epilogue
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,8 +33,13 @@ def _compiled(z) -> bool:
     if z.numel() == 0:
         return False
     if z.is_cuda:
-        return z.dtype in _CUDA_DTYPES and _has_cuda_kernel()
-    return z.dtype == torch.float32
+        return z.dtype in _DTYPES and _has_cuda_kernel()
+    return z.dtype in _DTYPES
+
+
+def _cpu_f32(t):
+    """The C++ CPU kernel computes on float32 arrays: a float16/bfloat16 CPU tensor is widened."""
+    return t if t.is_cuda else t.float()
 
 
 def _codes(combine, a_quant, phi, psi):
@@ -45,8 +52,9 @@ def forward(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bit
         return epilogue.epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine,
                                            a_quant, a_bits, phi, psi)
     cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
-    return torch.ops.expcuda_C.block_epilogue_fwd(z, weight, bias, f, step, c_lp, eps, scheme, cb,
-                                                  aq, a_bits, ph, ps)
+    out, mean, var = torch.ops.expcuda_C.block_epilogue_fwd(_cpu_f32(z), weight, bias, f, step, c_lp,
+                                                            eps, scheme, cb, aq, a_bits, ph, ps)
+    return out.to(z.dtype), mean, var
 
 
 def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits,
@@ -55,5 +63,7 @@ def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combi
         return epilogue.epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps,
                                            scheme, combine, a_quant, a_bits, phi, psi)
     cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
-    return torch.ops.expcuda_C.block_epilogue_bwd(grad, z, weight, bias, f, step, mean, var, c_lp,
-                                                  eps, scheme, cb, aq, a_bits, ph, ps)
+    dz, dw, db, ds = torch.ops.expcuda_C.block_epilogue_bwd(_cpu_f32(grad), _cpu_f32(z), weight, bias,
+                                                            f, step, mean, var, c_lp, eps, scheme, cb,
+                                                            aq, a_bits, ph, ps)
+    return dz.to(z.dtype), dw, db, ds
