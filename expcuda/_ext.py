@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -13,6 +15,7 @@ except ImportError as exc:  # pure-Python install, or not built yet
               "`pip install -e . --no-build-isolation`")
 
 
+@functools.cache  # asked on every fused block step; the answer is fixed once _C is loaded
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``expcuda_C::<op>`` was compiled for ``dispatch_key`` (CPU or CUDA)."""
     if _C is None:
