@@ -155,9 +155,38 @@ def test_fused_low_precision_dtypes(kernel, dtype, opts):
 @pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5, a_quant="lsq"),
                                   dict(combine="sub", a_quant="sign", fp_activation="relu")])
-def test_triton_epilogue(opts):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_triton_epilogue(opts, fmt):
     block = make(**opts).train()
-    check_block(block, inputs(shape=(2, 4, 4, 4)), "triton")
+    x = inputs(shape=(2, 4, 4, 3)).to(memory_format=fmt)
+    check_block(block, x, "triton")
+    if fmt == torch.channels_last:  # the kernels index channels_last in place: the layout stays
+        got = step(block, x, kernel="triton")
+        assert got["out"].is_contiguous(memory_format=fmt)
+        assert got["x.grad"].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("args", [(3, 1e-5, 2, "add", "dorefa", 2, "clip", "relu"),
+                                  (4, 1e-5, 1, "concat", "lsq", 2, "relu", "identity")])
+def test_triton_kernels_on_channels_last_z(args):
+    """The Triton kernels on a channels_last z, called directly, against the PyTorch kernels."""
+    from expcuda.nn import triton_epilogue
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 6, 3, 5, generator=g).to(memory_format=torch.channels_last)
+    assert epilogue.layout(z) == torch.channels_last
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    f, step_ = torch.tensor(0.4), torch.tensor(0.3) if args[4] == "lsq" else None
+    out, mean, var = triton_epilogue.forward(z, w, b, f, step_, *args)
+    ref = epilogue.epilogue_fwd_torch(z, w, b, f, step_, *args)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref[0])
+    grad = torch.randn(out.shape, generator=g).to(memory_format=torch.channels_last)
+    got = triton_epilogue.backward(grad, z, w, b, f, step_, mean, var, *args)
+    want = epilogue.epilogue_bwd_torch(grad, z, w, b, f, step_, mean, var, *args)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")

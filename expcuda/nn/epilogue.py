@@ -252,12 +252,15 @@ def layout(z: Tensor) -> torch.memory_format:
 
 def _keeps_layout(kernel, z: Tensor) -> bool:
     """Whether the kernel takes z as it is: the PyTorch kernels take any layout, the C++ CPU
-    kernel takes channels_last too; the others want NCHW-contiguous z."""
+    and the Triton kernels take channels_last too; the CUDA kernel wants NCHW-contiguous z."""
     if kernel in (epilogue_fwd_torch, epilogue_bwd_torch):
         return True
-    from expcuda.nn import cpp_epilogue
-    return (kernel in (cpp_epilogue.forward, cpp_epilogue.backward) and not z.is_cuda
-            and layout(z) == torch.channels_last)
+    if layout(z) != torch.channels_last:
+        return False
+    from expcuda.nn import cpp_epilogue, triton_epilogue
+    if kernel in (triton_epilogue.forward, triton_epilogue.backward):
+        return True
+    return kernel in (cpp_epilogue.forward, cpp_epilogue.backward) and not z.is_cuda
 
 def _block_epilogue_body(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
                    c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,

@@ -6,8 +6,9 @@ normalize, ``phi``/``Qa`` on LP channels, ``psi``/``f`` on FP channels and the
 combine (forward), and the whole STE chain down to BatchNorm's input
 gradient ``dy`` (backward).  Each program handles ``BLOCK`` elements of the
 output; output element (n, co, k) reads its LP channel ``c1`` and FP channel
-``c2`` of z (either may be absent).  Float32 inside, whatever the storage
-dtype.  On the CPU this runs only under ``TRITON_INTERPRET=1``.
+``c2`` of z (either may be absent).  z is NCHW-contiguous or channels_last
+(the kernels index either; the outputs are laid out like z).  Float32 inside,
+whatever the storage dtype.  On the CPU this runs only under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -89,9 +90,15 @@ if _REASON is None:
             return g, g * 0.0
 
     @triton.jit
-    def _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP: tl.constexpr, CONCAT: tl.constexpr):
-        k = offs % hw
-        co = (offs // hw) % c_out
+    def _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP: tl.constexpr, CONCAT: tl.constexpr,
+                CL: tl.constexpr):
+        """(image, pixel, LP channel, FP channel) of output offsets in storage order."""
+        if CL:  # channels_last: the channel varies fastest
+            co = offs % c_out
+            k = (offs // c_out) % hw
+        else:
+            k = offs % hw
+            co = (offs // hw) % c_out
         n = offs // (hw * c_out)
         if HAS_FP:
             if CONCAT:
@@ -106,10 +113,18 @@ if _REASON is None:
         return n, k, c1, c2
 
     @triton.jit
-    def _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, ch, hw, c_tot, mask):
+    def _at(n, k, ch, hw, c_tot, CL: tl.constexpr):
+        """Storage offset of z[n, ch, k] (or of dy's) in NCHW or channels_last."""
+        if CL:
+            return (n * hw + k) * c_tot + ch
+        else:
+            return (n * c_tot + ch) * hw + k
+
+    @triton.jit
+    def _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, ch, hw, c_tot, mask, CL: tl.constexpr):
         m = mask & (ch >= 0)
         chs = tl.where(ch >= 0, ch, 0)
-        z = tl.load(z_ptr + (n * c_tot + chs) * hw + k, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + _at(n, k, chs, hw, c_tot, CL), mask=m, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + chs, mask=m, other=0.0)
         inv = tl.load(inv_ptr + chs, mask=m, other=0.0)
         w = tl.load(w_ptr + chs, mask=m, other=0.0)
@@ -121,14 +136,14 @@ if _REASON is None:
                     c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
                     CLIP_ONLY: tl.constexpr, PHI: tl.constexpr, PSI: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    CL: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
-        n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT)
-        y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask)
+        n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
+        y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
         u = _phi(y1, PHI)
         if HAS_FP:
-            y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask)
+            y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask, CL)
             fv = _phi(y2, PSI) * f
             if CONCAT:
                 if SCHEME == 2:
@@ -149,15 +164,15 @@ if _REASON is None:
     def _bwd_kernel(g_ptr, z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, dy_ptr, r_ptr, f, step, levels,
                     total, hw, c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
-                    PHI: tl.constexpr, PSI: tl.constexpr, BLOCK: tl.constexpr):
+                    PHI: tl.constexpr, PSI: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
-        n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT)
+        n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask)
+        y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
         u = _phi(y1, PHI)
         if HAS_FP:
-            y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask)
+            y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask, CL)
             fv = _phi(y2, PSI) * f
             if SCHEME == 2:
                 gu, rterm = _qa_grad(u, g, levels, step, AQ)
@@ -171,12 +186,12 @@ if _REASON is None:
                 gv = -gs if SUB else gs
             g2 = tl.where(_phi_keep(y2, PSI), gv * f, 0.0)
             c2s = tl.where(c2 >= 0, c2, 0)
-            tl.store(dy_ptr + (n * c_tot + c2s) * hw + k, g2, mask=m2)
+            tl.store(dy_ptr + _at(n, k, c2s, hw, c_tot, CL), g2, mask=m2)
         else:
             gu, rterm = _qa_grad(u, g, levels, step, AQ)
         g1 = tl.where(_phi_keep(y1, PHI), gu, 0.0)
         c1s = tl.where(c1 >= 0, c1, 0)
-        tl.store(dy_ptr + (n * c_tot + c1s) * hw + k, g1, mask=m1)
+        tl.store(dy_ptr + _at(n, k, c1s, hw, c_tot, CL), g1, mask=m1)
         tl.store(r_ptr + offs, rterm, mask=mask)
 
 
@@ -197,21 +212,23 @@ def forward(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bit
     var, mean = torch.var_mean(z.to(torch.float32), dim=(0, 2, 3), correction=0)
     c_tot, has_fp, c_out, inv, w, b = _launch_args(z, weight, bias, mean, var, c_lp, eps, combine)
     n, _, h, wd = z.shape
-    out = torch.empty((n, c_out, h, wd), dtype=z.dtype, device=z.device)
+    fmt = epilogue.layout(z)  # z is NCHW-contiguous or channels_last; out is laid out alike
+    out = torch.empty((n, c_out, h, wd), dtype=z.dtype, device=z.device, memory_format=fmt)
     total = out.numel()
     s = float(step) if step is not None else 1.0
     _fwd_kernel[(triton.cdiv(total, BLOCK),)](
         z, mean, inv, w, b, out, float(f), s, _levels(a_quant, a_bits), total, h * wd, c_out, c_lp,
         c_tot, SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], CLIP_ONLY=a_bits == 32, PHI=epilogue.PHI_CODES[phi],
-        PSI=epilogue.PHI_CODES[psi], BLOCK=BLOCK)
+        PSI=epilogue.PHI_CODES[psi], CL=fmt == torch.channels_last, BLOCK=BLOCK)
     return out, mean, var
 
 
 def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits,
              phi, psi):
     c_tot, has_fp, c_out, inv, w, b = _launch_args(z, weight, bias, mean, var, c_lp, eps, combine)
-    dy = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    fmt = epilogue.layout(z)  # grad comes laid out like z (the op's body sees to it)
+    dy = torch.empty(z.shape, dtype=torch.float32, device=z.device, memory_format=fmt)
     rterm = torch.empty(grad.shape, dtype=torch.float32, device=z.device)
     total = grad.numel()
     n, _, h, wd = z.shape
@@ -221,7 +238,7 @@ def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combi
         grad, z, mean, inv, w, b, dy, rterm, float(f), s, levels, total, h * wd, c_out, c_lp, c_tot,
         SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], PHI=epilogue.PHI_CODES[phi], PSI=epilogue.PHI_CODES[psi],
-        BLOCK=BLOCK)
+        CL=fmt == torch.channels_last, BLOCK=BLOCK)
     xhat = (z.to(torch.float32) - mean.view(1, -1, 1, 1)) * inv.view(1, -1, 1, 1)
     count = z.numel() // c_tot
     sum_g = dy.sum(dim=(0, 2, 3))
