@@ -216,6 +216,22 @@ float range_amax_abs(const T* __restrict__ x, int64_t b, int64_t e) {
   return m;
 }
 
+// The float32 case with the select written as a conditional, which GCC turns into vector
+// compares and blends (qm::select's bit arithmetic stays scalar); the same NaN rule as nan_max.
+EXPCUDA_CLONES float range_amax_abs(const float* __restrict__ x, int64_t b, int64_t e) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      float a = fabsf(x[i + j]);
+      acc[j] = (a > acc[j]) | (a != a) ? a : acc[j];
+    }
+  float m = 0;
+  for (; i < e; ++i) m = qm::nan_max(fabsf(x[i]), m);
+  for (int j = 0; j < 8; ++j) m = qm::nan_max(acc[j], m);
+  return m;
+}
+
 // max |x| over the whole tensor (dense), NaN-propagating.
 template <typename T>
 float amax_abs(const T* x, int64_t n) {
@@ -473,6 +489,49 @@ std::vector<float> position_scales(const SyqLayout& lay, const Tensor& scales) {
   return out;
 }
 
+// The weight is processed in chunks of kSyqRows rows of P positions, against a pattern holding
+// each position's value kSyqRows times: the inner loops run over contiguous elements, with no
+// per-element modulo, and vectorize (a loop over P = 9 positions does not).
+constexpr int64_t kSyqRows = 16;
+
+std::vector<float> syq_pattern(const std::vector<float>& per_position) {
+  std::vector<float> pat;
+  for (int64_t r = 0; r < kSyqRows; ++r) pat.insert(pat.end(), per_position.begin(), per_position.end());
+  return pat;
+}
+
+template <typename T>
+EXPCUDA_INLINE void syq_fwd_block(const T* __restrict__ w, T* __restrict__ out, const float* __restrict__ pat,
+                                  int64_t len, float thr) {
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>(qm::syq_fwd(static_cast<float>(w[j]), thr, pat[j]));
+}
+template <typename T>
+EXPCUDA_INLINE void syq_dw_block(const float* __restrict__ g, T* __restrict__ out, const float* __restrict__ pat,
+                                 int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>(qm::syq_dw(g[j], pat[j]));
+}
+// acc[j] += the scale-gradient term of element j (double lanes, one per pattern slot)
+template <typename T>
+EXPCUDA_INLINE void syq_sum_block(const T* __restrict__ w, const float* __restrict__ g, double* __restrict__ acc,
+                                  int64_t len, float thr) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<double>(qm::syq_sum_term(g[j], static_cast<float>(w[j]), thr));
+}
+template <typename T>
+void syq_fwd_chunk(const T* w, T* out, const float* pat, int64_t len, float thr) { syq_fwd_block(w, out, pat, len, thr); }
+EXPCUDA_CLONES void syq_fwd_chunk(const float* w, float* out, const float* pat, int64_t len, float thr) {
+  syq_fwd_block(w, out, pat, len, thr);
+}
+template <typename T>
+void syq_dw_chunk(const float* g, T* out, const float* pat, int64_t len) { syq_dw_block(g, out, pat, len); }
+EXPCUDA_CLONES void syq_dw_chunk(const float* g, float* out, const float* pat, int64_t len) {
+  syq_dw_block(g, out, pat, len);
+}
+template <typename T>
+void syq_sum_chunk(const T* w, const float* g, double* acc, int64_t len, float thr) { syq_sum_block(w, g, acc, len, thr); }
+EXPCUDA_CLONES void syq_sum_chunk(const float* w, const float* g, double* acc, int64_t len, float thr) {
+  syq_sum_block(w, g, acc, len, thr);
+}
+
 // thr = float32(eta) * max|w|.
 template <typename T>
 float syq_threshold(const T* w, int64_t n, double eta) {
@@ -488,13 +547,11 @@ Tensor syq_weight_fwd(const Tensor& w_in, const Tensor& scales, double eta, int6
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
     float thr = syq_threshold(ws, w.numel(), eta);
-    const float* ps = pos_scale.data();
+    std::vector<float> pat = syq_pattern(pos_scale);
     int64_t P = lay.positions;
-    // rows of P kernel positions: no per-element modulo (an integer division each)
     at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t p = 0; p < P; ++p)
-          os[o * P + p] = static_cast<scalar_t>(qm::syq_fwd(static_cast<float>(ws[o * P + p]), thr, ps[p]));
+      for (int64_t o = o0; o < o1; o += kSyqRows)
+        syq_fwd_chunk(ws + o * P, os + o * P, pat.data(), std::min(kSyqRows, o1 - o) * P, thr);
     });
   });
   return out;
@@ -504,17 +561,17 @@ Tensor syq_weight_fwd(const Tensor& w_in, const Tensor& scales, double eta, int6
 template <typename T>
 std::vector<double> syq_scale_grad(const T* ws, const float* gs, float thr, const SyqLayout& lay) {
   int64_t P = lay.positions;
-  if (P == 1) {  // layer: one long sum, chunked
-    return {parallel_sum(lay.outer, [=](int64_t i) { return qm::syq_sum_term(gs[i], static_cast<float>(ws[i]), thr); })};
-  }
   int64_t og = filter_grain(P), chunks = divup(lay.outer, og);
   std::vector<double> part(chunks * P, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> lanes(kSyqRows * P);
     for (int64_t c = c0; c < c1; ++c) {
-      double* acc = part.data() + c * P;
-      for (int64_t o = c * og; o < std::min(lay.outer, (c + 1) * og); ++o)
-        for (int64_t p = 0; p < P; ++p)
-          acc[p] += qm::syq_sum_term(gs[o * P + p], static_cast<float>(ws[o * P + p]), thr);
+      std::fill(lanes.begin(), lanes.end(), 0.0);
+      const int64_t end = std::min(lay.outer, (c + 1) * og);
+      for (int64_t o = c * og; o < end; o += kSyqRows)
+        syq_sum_chunk(ws + o * P, gs + o * P, lanes.data(), std::min(kSyqRows, end - o) * P, thr);
+      for (int64_t r = 0; r < kSyqRows; ++r)
+        for (int64_t p = 0; p < P; ++p) part[c * P + p] += lanes[r * P + p];
     }
   });
   std::vector<double> ds(lay.groups, 0.0);
@@ -537,11 +594,11 @@ std::tuple<Tensor, Tensor> syq_weight_bwd(const Tensor& grad, const Tensor& w_in
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
     scalar_t* os = dw.mutable_data_ptr<scalar_t>();
     float thr = syq_threshold(ws, w.numel(), eta);
-    const float* ps = pos_scale.data();
+    std::vector<float> pat = syq_pattern(pos_scale);
     int64_t P = lay.positions;
     at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t p = 0; p < P; ++p) os[o * P + p] = static_cast<scalar_t>(qm::syq_dw(gs[o * P + p], ps[p]));
+      for (int64_t o = o0; o < o1; o += kSyqRows)
+        syq_dw_chunk(gs + o * P, os + o * P, pat.data(), std::min(kSyqRows, o1 - o) * P);
     });
     std::vector<double> ds = syq_scale_grad(ws, gs, thr, lay);
     for (int64_t k = 0; k < lay.groups; ++k) ds32.mutable_data_ptr<float>()[k] = static_cast<float>(ds[k]);
