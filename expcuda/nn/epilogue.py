@@ -262,6 +262,7 @@ def _keeps_layout(kernel, z: Tensor) -> bool:
         return True
     return kernel in (cpp_epilogue.forward, cpp_epilogue.backward) and not z.is_cuda
 
+
 def _block_epilogue_body(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
                    c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,
                    phi: str, psi: str) -> tuple[Tensor, Tensor, Tensor]:

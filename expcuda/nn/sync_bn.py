@@ -3,8 +3,9 @@
 PyTorch's ``nn.SyncBatchNorm`` runs on GPUs only.  Without it, a DDP run on CPUs
 (gloo) normalises each rank's share of the batch with that share's statistics,
 so it trains a different function than one process on the whole batch.
-:class:`SyncBatchNorm2d` all-reduces the per-channel sums instead (float64; the backward all-reduces
-the gradients of the sums), which makes the statistics those of the global batch.
+:class:`SyncBatchNorm2d` all-reduces the per-channel sums instead (float64; the
+backward all-reduces the gradients of the sums), which makes the statistics
+those of the global batch.
 Blocks whose BatchNorm is synced run their reference composition: the fused
 epilogue computes its statistics locally.
 """
