@@ -576,6 +576,24 @@ inline void channel_params(const Norm& nm, int64_t ch, float* p) {
 constexpr int64_t kPixBlock = 256;
 constexpr int64_t kImgBlock = 4;  // NCHW: images per block of the statistics passes
 
+// NCHW statistics passes: fn(i, acc) adds image i's terms into `width` doubles; images go in
+// fixed blocks of kImgBlock, each block's sums in memory order, and the blocks' sums are added
+// in block order, so the result does not depend on the thread count.
+template <typename Fn>
+std::vector<double> image_block_sums(int64_t n, int64_t width, Fn fn) {
+  const int64_t nb = (n + kImgBlock - 1) / kImgBlock;
+  std::vector<double> part(nb * width, 0.0);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl)
+      for (int64_t i = bl * kImgBlock; i < std::min(n, (bl + 1) * kImgBlock); ++i)
+        fn(i, &part[bl * width]);
+  });
+  std::vector<double> total(width, 0.0);
+  for (int64_t bl = 0; bl < nb; ++bl)
+    for (int64_t j = 0; j < width; ++j) total[j] += part[bl * width + j];
+  return total;
+}
+
 bool channels_last(const Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -765,29 +783,18 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
   std::vector<float> k(c.c_tot);
   for (int64_t ch = 0; ch < c.c_tot; ++ch)
     k[ch] = row_sum(zp + ch * c.hw, c.hw) / static_cast<float>(c.hw);
-  const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock;
-  std::vector<double> part(nb * 2 * c.c_tot, 0.0);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      double* s = &part[bl * 2 * c.c_tot];
-      for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
-        for (int64_t ch = 0; ch < c.c_tot; ++ch) {
-          float a, b;
-          row_moments(zp + (i * c.c_tot + ch) * c.hw, k[ch], c.hw, a, b);
-          s[ch] += a;
-          s[c.c_tot + ch] += b;
-        }
+  std::vector<double> sums = image_block_sums(c.n, 2 * c.c_tot, [&](int64_t i, double* acc) {
+    for (int64_t ch = 0; ch < c.c_tot; ++ch) {
+      float a, b;
+      row_moments(zp + (i * c.c_tot + ch) * c.hw, k[ch], c.hw, a, b);
+      acc[ch] += a;
+      acc[c.c_tot + ch] += b;
     }
   });
   for (int64_t ch = 0; ch < c.c_tot; ++ch) {
-    double s = 0, ss = 0;
-    for (int64_t bl = 0; bl < nb; ++bl) {
-      s += part[bl * 2 * c.c_tot + ch];
-      ss += part[bl * 2 * c.c_tot + c.c_tot + ch];
-    }
-    const double dmean = s / count;
+    const double dmean = sums[ch] / count;
     mp[ch] = static_cast<float>(static_cast<double>(k[ch]) + dmean);
-    vp[ch] = static_cast<float>(std::max(ss / count - dmean * dmean, 0.0));
+    vp[ch] = static_cast<float>(std::max(sums[c.c_tot + ch] / count - dmean * dmean, 0.0));
   }
   Norm nm = make_norm(weight, bias, mean, var, eps);
   Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
@@ -876,67 +883,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
       sum_gx[co] = acc[1];
       if (c.fp) { sum_g[c.c_lp + co] = acc[2]; sum_gx[c.c_lp + co] = acc[3]; }
     }
-  } else if (fast >= 0) {  // image blocks in memory order; per block, double sums per channel
-    const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock;
-    std::vector<double> part(nb * 4 * c.c_out, 0.0);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bl = b0; bl < b1; ++bl) {
-        double* acc = &part[bl * 4 * c.c_out];
-        for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
-          for (int64_t co = 0; co < c.c_out; ++co) {
-            int64_t c1, c2;
-            sources(c, co, c1, c2);
-            float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f}, sums[4];
-            channel_params(nm, c1, p1);
-            if (c2 >= 0) channel_params(nm, c2, p2);
-            const int64_t o1r = (i * c.c_tot + c1) * hw;
-            const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
-            fast_bwd_row(fast, c2 >= 0 ? c.psi : kNoFp, zp + o1r, zp + o2r,
-                         gp + (i * c.c_out + co) * hw, dp + o1r, dp + o2r, hw, p1, p2, fs, sums);
-            for (int j = 0; j < 4; ++j) acc[j * c.c_out + co] += sums[j];
-          }
+  } else if (fast >= 0) {  // image blocks in memory order: the sums of dy and dy * xhat
+    std::vector<double> acc = image_block_sums(c.n, 4 * c.c_out, [&](int64_t i, double* part) {
+      for (int64_t co = 0; co < c.c_out; ++co) {
+        int64_t c1, c2;
+        sources(c, co, c1, c2);
+        float p1[4], p2[4] = {0.f, 0.f, 0.f, 0.f}, sums[4];
+        channel_params(nm, c1, p1);
+        if (c2 >= 0) channel_params(nm, c2, p2);
+        const int64_t o1r = (i * c.c_tot + c1) * hw;
+        const int64_t o2r = c2 >= 0 ? (i * c.c_tot + c2) * hw : o1r;
+        fast_bwd_row(fast, c2 >= 0 ? c.psi : kNoFp, zp + o1r, zp + o2r,
+                     gp + (i * c.c_out + co) * hw, dp + o1r, dp + o2r, hw, p1, p2, fs, sums);
+        for (int j = 0; j < 4; ++j) part[j * c.c_out + co] += sums[j];
       }
     });
     for (int64_t co = 0; co < c.c_out; ++co) {
       int64_t c1, c2;
       sources(c, co, c1, c2);
-      double acc[4] = {0, 0, 0, 0};
-      for (int64_t bl = 0; bl < nb; ++bl)
-        for (int j = 0; j < 4; ++j) acc[j] += part[(bl * 4 + j) * c.c_out + co];
-      sum_g[c1] = acc[0];
-      sum_gx[c1] = acc[1];
-      if (c2 >= 0) { sum_g[c2] = acc[2]; sum_gx[c2] = acc[3]; }
+      sum_g[c1] = acc[co];
+      sum_gx[c1] = acc[c.c_out + co];
+      if (c2 >= 0) { sum_g[c2] = acc[2 * c.c_out + co]; sum_gx[c2] = acc[3 * c.c_out + co]; }
     }
-  } else {  // the general rows, also in image blocks: dy into dz, sums per channel, LSQ's sum
-    const int64_t nb = (c.n + kImgBlock - 1) / kImgBlock, width = 2 * c.c_tot + c.c_out;
-    std::vector<double> part(nb * width, 0.0);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  } else {  // the general rows, in image blocks too: dy into dz, sums per channel, LSQ's sum
+    // acc: [sum dy | sum dy * xhat] per channel, then ds per output channel
+    std::vector<double> acc = image_block_sums(c.n, 2 * c.c_tot + c.c_out, [&](int64_t i, double* part) {
       Rows rows(hw);
-      for (int64_t bl = b0; bl < b1; ++bl) {
-        double* acc = &part[bl * width];  // [sum dy | sum dy * xhat] per channel, then ds per co
-        for (int64_t i = bl * kImgBlock; i < std::min(c.n, (bl + 1) * kImgBlock); ++i)
-          for (int64_t co = 0; co < c.c_out; ++co) {
-            int64_t c1, c2;
-            sources(c, co, c1, c2);
-            const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
-            const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
-            float* d1 = c1 >= 0 ? dp + (i * c.c_tot + c1) * hw : nullptr;
-            float* d2 = c2 >= 0 ? dp + (i * c.c_tot + c2) * hw : nullptr;
-            acc[2 * c.c_tot + co] +=
-                backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows, d1, d2);
-            if (z1) row_sums(nm, c1, z1, d1, acc[c1], acc[c.c_tot + c1]);
-            if (z2) row_sums(nm, c2, z2, d2, acc[c2], acc[c.c_tot + c2]);
-          }
+      for (int64_t co = 0; co < c.c_out; ++co) {
+        int64_t c1, c2;
+        sources(c, co, c1, c2);
+        const float* z1 = c1 >= 0 ? zp + (i * c.c_tot + c1) * hw : nullptr;
+        const float* z2 = c2 >= 0 ? zp + (i * c.c_tot + c2) * hw : nullptr;
+        float* d1 = c1 >= 0 ? dp + (i * c.c_tot + c1) * hw : nullptr;
+        float* d2 = c2 >= 0 ? dp + (i * c.c_tot + c2) * hw : nullptr;
+        part[2 * c.c_tot + co] +=
+            backward_row(c, nm, c1, c2, z1, z2, gp + (i * c.c_out + co) * hw, rows, d1, d2);
+        if (z1) row_sums(nm, c1, z1, d1, part[c1], part[c.c_tot + c1]);
+        if (z2) row_sums(nm, c2, z2, d2, part[c2], part[c.c_tot + c2]);
       }
     });
-    for (int64_t bl = 0; bl < nb; ++bl) {
-      const double* acc = &part[bl * width];
-      for (int64_t ch = 0; ch < c.c_tot; ++ch) {
-        sum_g[ch] += acc[ch];
-        sum_gx[ch] += acc[c.c_tot + ch];
-      }
-      for (int64_t co = 0; co < c.c_out; ++co) ds_part[co] += acc[2 * c.c_tot + co];
-    }
+    std::copy(acc.begin(), acc.begin() + c.c_tot, sum_g.begin());
+    std::copy(acc.begin() + c.c_tot, acc.begin() + 2 * c.c_tot, sum_gx.begin());
+    std::copy(acc.begin() + 2 * c.c_tot, acc.end(), ds_part.begin());
   }
   const double count = static_cast<double>(c.n * hw);
   std::vector<float> scale(c.c_tot), a(c.c_tot), bcoef(c.c_tot);
