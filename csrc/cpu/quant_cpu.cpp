@@ -481,23 +481,26 @@ SyqLayout syq_layout(const Tensor& w, const Tensor& scales, int64_t granularity)
   return lay;
 }
 
-// The float32 scale of each kernel position, from scales of any float dtype.
-std::vector<float> position_scales(const SyqLayout& lay, const Tensor& scales) {
-  Tensor sc = scales.to(at::kFloat).contiguous();
-  std::vector<float> out(lay.positions);
-  for (int64_t p = 0; p < lay.positions; ++p) out[p] = sc.const_data_ptr<float>()[lay.scale_of[p]];
-  return out;
-}
-
 // The weight is processed in chunks of kSyqRows rows of P positions, against a pattern holding
-// each position's value kSyqRows times: the inner loops run over contiguous elements, with no
-// per-element modulo, and vectorize (a loop over P = 9 positions does not).
+// each position's float32 scale kSyqRows times: the inner loops run over contiguous elements,
+// with no per-element modulo, and vectorize (a loop over P = 9 positions does not).
 constexpr int64_t kSyqRows = 16;
 
-std::vector<float> syq_pattern(const std::vector<float>& per_position) {
-  std::vector<float> pat;
-  for (int64_t r = 0; r < kSyqRows; ++r) pat.insert(pat.end(), per_position.begin(), per_position.end());
+std::vector<float> syq_scale_pattern(const SyqLayout& lay, const Tensor& scales) {
+  Tensor sc = scales.to(at::kFloat).contiguous();
+  std::vector<float> pat(kSyqRows * lay.positions);
+  for (int64_t j = 0; j < kSyqRows * lay.positions; ++j)
+    pat[j] = sc.const_data_ptr<float>()[lay.scale_of[j % lay.positions]];
   return pat;
+}
+
+// fn(first element, element count) for every chunk of at most kSyqRows rows, in parallel.
+template <typename Fn>
+void syq_chunks(const SyqLayout& lay, Fn fn) {
+  const int64_t P = lay.positions;
+  at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o += kSyqRows) fn(o * P, std::min(kSyqRows, o1 - o) * P);
+  });
 }
 
 template <typename T>
@@ -541,18 +544,13 @@ float syq_threshold(const T* w, int64_t n, double eta) {
 Tensor syq_weight_fwd(const Tensor& w_in, const Tensor& scales, double eta, int64_t granularity) {
   Tensor w = w_in.contiguous();
   SyqLayout lay = syq_layout(w, scales, granularity);
-  std::vector<float> pos_scale = position_scales(lay, scales);
+  std::vector<float> pat = syq_scale_pattern(lay, scales);
   Tensor out = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "syq_weight_fwd", [&] {
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
     float thr = syq_threshold(ws, w.numel(), eta);
-    std::vector<float> pat = syq_pattern(pos_scale);
-    int64_t P = lay.positions;
-    at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; o += kSyqRows)
-        syq_fwd_chunk(ws + o * P, os + o * P, pat.data(), std::min(kSyqRows, o1 - o) * P, thr);
-    });
+    syq_chunks(lay, [&](int64_t i, int64_t len) { syq_fwd_chunk(ws + i, os + i, pat.data(), len, thr); });
   });
   return out;
 }
@@ -586,7 +584,7 @@ std::tuple<Tensor, Tensor> syq_weight_bwd(const Tensor& grad, const Tensor& w_in
   SyqLayout lay = syq_layout(w, scales, granularity);
   TORCH_CHECK(grad.sizes() == w.sizes(), "expcuda_C: grad shape does not match w");
   Tensor g = grad.to(at::kFloat).contiguous();
-  std::vector<float> pos_scale = position_scales(lay, scales);
+  std::vector<float> pat = syq_scale_pattern(lay, scales);
   Tensor dw = at::empty_like(w);
   Tensor ds32 = at::empty({lay.groups}, scales.options().dtype(at::kFloat));
   const float* gs = g.const_data_ptr<float>();
@@ -594,12 +592,7 @@ std::tuple<Tensor, Tensor> syq_weight_bwd(const Tensor& grad, const Tensor& w_in
     const scalar_t* ws = w.const_data_ptr<scalar_t>();
     scalar_t* os = dw.mutable_data_ptr<scalar_t>();
     float thr = syq_threshold(ws, w.numel(), eta);
-    std::vector<float> pat = syq_pattern(pos_scale);
-    int64_t P = lay.positions;
-    at::parallel_for(0, lay.outer, std::max<int64_t>(1, kGrain / P), [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; o += kSyqRows)
-        syq_dw_chunk(gs + o * P, os + o * P, pat.data(), std::min(kSyqRows, o1 - o) * P);
-    });
+    syq_chunks(lay, [&](int64_t i, int64_t len) { syq_dw_chunk(gs + i, os + i, pat.data(), len); });
     std::vector<double> ds = syq_scale_grad(ws, gs, thr, lay);
     for (int64_t k = 0; k < lay.groups; ++k) ds32.mutable_data_ptr<float>()[k] = static_cast<float>(ds[k]);
   });
