@@ -633,7 +633,7 @@ EXPCUDA_INLINE void lsq_bwd_block(const T* __restrict__ x, const T* __restrict__
 
 // The step gradient's partial sum over len elements, writing dx there too.
 template <typename T>
-double lsq_bwd_task(const T* x, const T* g, T* dx, int64_t len, float s, float qn, float qp) {
+EXPCUDA_INLINE double lsq_bwd_blocks(const T* x, const T* g, T* dx, int64_t len, float s, float qn, float qp) {
   alignas(64) float prod[kBlock];
   double total = 0;
   for (int64_t i = 0; i < len; i += kBlock) {
@@ -643,15 +643,12 @@ double lsq_bwd_task(const T* x, const T* g, T* dx, int64_t len, float s, float q
   }
   return total;
 }
+template <typename T>
+double lsq_bwd_task(const T* x, const T* g, T* dx, int64_t len, float s, float qn, float qp) {
+  return lsq_bwd_blocks(x, g, dx, len, s, qn, qp);
+}
 EXPCUDA_CLONES double lsq_bwd_task(const float* x, const float* g, float* dx, int64_t len, float s, float qn, float qp) {
-  alignas(64) float prod[kBlock];
-  double total = 0;
-  for (int64_t i = 0; i < len; i += kBlock) {
-    int64_t m = std::min(kBlock, len - i);
-    lsq_bwd_block(x + i, g + i, dx + i, prod, m, s, qn, qp);
-    total += range_sum(0, m, [&prod](int64_t j) { return prod[j]; });
-  }
-  return total;
+  return lsq_bwd_blocks(x, g, dx, len, s, qn, qp);
 }
 
 std::tuple<Tensor, Tensor> lsq_bwd(const Tensor& grad_in, const Tensor& x, const Tensor& step,
