@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_block_support import KERNELS, assert_close_to, step
+from tests.test_block_support import KERNELS, assert_close_to, kernel_params, step
 from expcuda import use_backend
 from expcuda.nn import ExpandedConv2d, LowPrecisionConv2d, epilogue
 
@@ -65,7 +65,7 @@ QUANT = list(itertools.product((1, 2), ("add", "sub", "concat"), ("dorefa", "sig
                                ("dorefa", "xnor", "syq", "lsq")))
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 @pytest.mark.parametrize("scheme,combine,a_quant,w_quant", QUANT)
 def test_fused_matches_reference(kernel, scheme, combine, a_quant, w_quant):
     block = make(scheme=scheme, combine=combine, a_quant=a_quant, w_quant=w_quant,
@@ -73,7 +73,7 @@ def test_fused_matches_reference(kernel, scheme, combine, a_quant, w_quant):
     check_block(block, inputs(), kernel)
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 @pytest.mark.parametrize("a_quant,w_quant,extra", [
     ("dorefa", "dorefa", {}), ("sign", "xnor", {}), ("lsq", "syq", {}), ("none", "lsq", {}),
     ("none", "dorefa", {"activation": False}), ("dorefa", "dorefa", {"a_bits": 32}),
@@ -108,7 +108,7 @@ GEOMETRY = [
 ]
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 @pytest.mark.parametrize("opts", GEOMETRY, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_fused_geometry(kernel, opts):
     check_block(make(**opts).train(), inputs(), kernel)
@@ -121,7 +121,7 @@ CHANNELS_LAST = [
 ]
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 @pytest.mark.parametrize("opts", CHANNELS_LAST, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_channels_last_input(kernel, opts):
     """A channels_last activation stays channels_last, output and input gradient, and is right."""
@@ -166,7 +166,7 @@ def test_cpp_channels_last_many_blocks(args):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5),
                                   dict(a_quant="lsq", w_quant="xnor", combine="sub")])
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 def test_fused_low_precision_dtypes(kernel, dtype, opts):
     """At bf16/fp16 the fused path's error vs the fp32 reference stays within the reference's own
     (the C++ CPU kernel computes on a float32 copy of z)."""
@@ -182,6 +182,7 @@ def test_fused_low_precision_dtypes(kernel, dtype, opts):
                     pooled=True)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("opts", [dict(), dict(scheme=1, combine="concat", fp_ratio=0.5, a_quant="lsq"),
                                   dict(combine="sub", a_quant="sign", fp_activation="relu")])
@@ -196,6 +197,7 @@ def test_triton_epilogue(opts, fmt):
         assert got["x.grad"].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("args", [(3, 1e-5, 2, "add", "dorefa", 2, "clip", "relu"),
                                   (4, 1e-5, 1, "concat", "lsq", 2, "relu", "identity")])
@@ -219,6 +221,7 @@ def test_triton_kernels_on_channels_last_z(args):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif("triton" not in KERNELS, reason="triton epilogue needs a GPU or TRITON_INTERPRET=1")
 def test_triton_epilogue_plain_block():
     torch.manual_seed(0)
@@ -359,7 +362,7 @@ def test_block_without_extension():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", kernel_params("torch", "cpp"))
 def test_widened_input_fused_matches_reference(kernel):
     """A block fed by a concat block: extra input weights, quantized on their own."""
     block = make(combine="sub", w_quant="xnor")

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from expcuda import use_backend
 from expcuda.nn import epilogue
 
 KERNELS = [k for k in ("torch", "cpp", "triton") if epilogue.kernel_unavailable(k) is None]
+
+
+def kernel_params(*names):
+    """``names`` as parameters: one that cannot run here skips with the reason, never vanishes."""
+    params = []
+    for name in names:
+        why = epilogue.kernel_unavailable(name)
+        marks = [pytest.mark.skipif(why is not None, reason=f"{name} epilogue unavailable: {why}")]
+        if name in ("triton", "cuda"):
+            marks.append(getattr(pytest.mark, name))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
 
 
 def step(block, x, grad_seed=1, mode=None, kernel=None):
