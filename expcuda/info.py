@@ -1,8 +1,14 @@
-"""``python -m expcuda.info``: versions, and which backends can run here (and why not)."""
+"""``python -m expcuda.info``: versions, and which backends can run here (and why not).
+
+``--selftest`` then checks every op on every available backend against the reference
+(:mod:`expcuda.selftest`) and exits 1 on any mismatch.
+"""
 
 from __future__ import annotations
 
+import argparse
 import platform
+import sys
 
 import torch
 
@@ -29,9 +35,19 @@ def lines() -> list[str]:
     return out
 
 
-def main() -> None:
-    print("\n".join(lines()))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m expcuda.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--selftest", action="store_true",
+                        help="run every op on every backend here against the reference (seconds); "
+                             "exit 1 on any mismatch")
+    args = parser.parse_args(argv)
+    print("\n".join(lines()), flush=True)
+    if not args.selftest:
+        return 0
+    from expcuda import selftest
+    print("selftest (small inputs, forward and gradients, against the reference on the same device):")
+    return selftest.main(lambda line: print("  " + line, flush=True))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

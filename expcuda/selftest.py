@@ -1,0 +1,292 @@
+"""``python -m expcuda.info --selftest``: every op on every backend here, against the reference.
+
+An install on a new machine (another GPU, torch or Triton) can build and import
+and still compute wrong numbers.  This runs each quantizer of ``expcuda.quant``
+and the block epilogue ``expcuda::block_epilogue`` on small inputs, forward and
+gradients, on each backend that can run here, and compares with the reference
+on the same device: the quantizers bit for bit (the numeric contract), the
+epilogue within the tolerances its kernel tests use.  One line per op and
+backend: ``ok``, ``mismatch`` (with the worst error), ``refused`` (and why) or
+``error`` (an exception); the exit status is 1 on any mismatch or error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+import expcuda
+from expcuda import backends
+from expcuda import quant as Q
+from expcuda.nn import epilogue
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: the epilogue kernel that serves each backend name (``reference`` -> the PyTorch kernels)
+EPILOGUE_KERNEL = {"reference": "torch", "cpu": "cpp", "triton": "triton", "cuda": "cuda"}
+FAILED = ("mismatch", "error")
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    status: str  # ok | mismatch | refused | error
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.op:<18} {self.backend:<9} {self.status}: {self.detail}"
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a backend is checked on: Triton on the GPU when one is visible, else the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def sample(shape, dtype, device, lo=-1.5, hi=1.5, seed=0, channels_last=False) -> torch.Tensor:
+    """Random values in [lo, hi] led by exact boundaries and rounding ties (the hard cases)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=gen) * (hi - lo) + lo
+    specials = torch.tensor([0.0, 1.0, -1.0, 0.5, 1 / 6, 0.5 / 3, 2.5 / 3, -0.0])
+    k = min(x.numel(), specials.numel())
+    x.view(-1)[:k] = specials[:k]
+    x = x.to(dtype=dtype, device=device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+# --------------------------------------------------------------------------- quantizers
+
+@dataclass
+class QuantCase:
+    label: str
+    fn: Callable
+    make: Callable  # (dtype, device) -> input tensors
+
+
+def _lsq_inputs(dtype, device):
+    return sample((2, 5, 3, 7), dtype, device, lo=-2, hi=2), torch.tensor(0.17, dtype=dtype, device=device)
+
+
+def _syq_inputs(granularity):
+    def make(dtype, device):
+        w = sample((6, 3, 3, 3), dtype, device)
+        shape = {"pixel": (3, 3), "row": (3,), "layer": ()}[granularity]
+        scales = (torch.rand(shape, generator=torch.Generator().manual_seed(5)) + 0.5).to(dtype=dtype, device=device)
+        return w, scales
+    return make
+
+
+def quant_cases() -> dict[str, list[QuantCase]]:
+    act = lambda dtype, device: (sample((2, 5, 3, 7), dtype, device, lo=-0.5, hi=1.5),)  # noqa: E731
+    act_cl = lambda dtype, device: (sample((2, 5, 3, 7), dtype, device, lo=-0.5, hi=1.5,  # noqa: E731
+                                           channels_last=True),)
+    conv_w = lambda dtype, device: (sample((6, 3, 3, 3), dtype, device),)  # noqa: E731
+    linear_w = lambda dtype, device: (sample((5, 7), dtype, device),)  # noqa: E731
+
+    def bits_fn(op, bits):
+        return lambda t: op(t, bits)
+    cases = {
+        "dorefa_activation": [QuantCase(f"bits={b}", bits_fn(Q.dorefa_activation, b), act) for b in (1, 2, 4, 8)]
+        + [QuantCase("bits=2 channels_last", bits_fn(Q.dorefa_activation, 2), act_cl)],
+        "sign_activation": [QuantCase("", Q.sign_activation, lambda dt, dev: (sample((2, 5, 3, 7), dt, dev),)),
+                            QuantCase("channels_last", Q.sign_activation, act_cl)],
+        "dorefa_weight": [QuantCase(f"bits={b} {kind}", bits_fn(Q.dorefa_weight, b), make)
+                          for b in (1, 2, 4) for kind, make in (("conv", conv_w), ("linear", linear_w))],
+        "xnor_weight": [QuantCase("conv", Q.xnor_weight, conv_w), QuantCase("linear", Q.xnor_weight, linear_w)],
+        "syq_weight": [QuantCase(f"{g} eta={eta}", (lambda g, eta: lambda w, s: Q.syq_weight(w, s, eta, g))(g, eta),
+                                 _syq_inputs(g))
+                       for g in ("pixel", "row", "layer") for eta in (0.0, 0.05)],
+        "lsq": [QuantCase(f"bits={b} signed={s}", (lambda b, s: lambda x, st: Q.lsq(x, st, b, s))(b, s), _lsq_inputs)
+                for b, s in ((2, False), (4, False), (2, True), (4, True))],
+    }
+    assert set(cases) == set(Q.__all__), "the self-check must cover every quantizer of expcuda.quant"
+    return cases
+
+
+def run_quant(backend: str, fn: Callable, inputs) -> list[torch.Tensor]:
+    """fn's output and the gradient of every input on ``backend``, with a fixed upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    with expcuda.use_backend(backend):
+        out = fn(*leaves)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype).to(out.device)
+        out.backward(upstream)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def exact_diff(got: torch.Tensor, want: torch.Tensor) -> Optional[tuple[int, float]]:
+    """None when bit for bit equal (NaN equal to NaN), else (elements that differ, worst |difference|)."""
+    if got is None or want is None:
+        return None if got is None and want is None else (1, math.inf)
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return (max(got.numel(), want.numel()), math.inf)
+    a, b = got.double(), want.double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    differ = ~((a == b) | both_nan)
+    if not bool(differ.any()):
+        return None
+    diff = (a - b).abs().masked_fill(~differ, 0).nan_to_num(nan=math.inf)
+    return int(differ.sum()), float(diff.max())
+
+
+def check_quant(op: str, backend: str, cases: list[QuantCase], dtypes=DTYPES) -> Result:
+    device = device_for(backend)
+    reason = backends.why_not(backend, device, torch.float32)
+    if reason is not None:
+        return Result(op, backend, "refused", reason)
+    worst, count = None, 0
+    for case in cases:
+        for dtype in dtypes:
+            inputs = case.make(dtype, device)
+            got, want = run_quant(backend, case.fn, inputs), run_quant("reference", case.fn, inputs)
+            for name, g, w in zip(["forward"] + [f"grad {i}" for i in range(len(inputs))], got, want):
+                count += 1
+                bad = exact_diff(g, w)
+                if bad is not None and (worst is None or bad[1] > worst[1]):
+                    worst = (bad[0], bad[1], f"{case.label} {str(dtype).replace('torch.', '')} {name}".strip())
+    if worst is not None:
+        n, err, where = worst
+        return Result(op, backend, "mismatch", f"not bit for bit: worst |difference| {err:.3g} "
+                                               f"({n} elements differ) at {where}")
+    what = "the definition of correct: ran" if backend == "reference" else "bit for bit with the reference:"
+    return Result(op, backend, "ok", f"{what} {count} outputs and gradients on {device.type} "
+                                     f"({len(cases)} cases x {len(dtypes)} dtypes)")
+
+
+# --------------------------------------------------------------------------- block epilogue
+
+#: (scheme, combine, a_quant, a_bits, phi, psi, with FP branch) as in tests/test_block_cuda.py
+EPILOGUE_CASES = (
+    (2, "add", "dorefa", 2, "clip", "identity", True),
+    (1, "concat", "lsq", 2, "relu", "relu", True),
+    (2, "sub", "sign", 2, "identity", "clip", True),
+    (1, "add", "dorefa", 32, "clip", "identity", True),
+    (2, "add", "lsq", 4, "relu", "identity", False),
+)
+
+
+def epilogue_args(case, dtype, device, channels_last=False, shape=(3, 6, 5, 7), eps=1e-5):
+    """The op's arguments for one case: z of (n, c_lp [+ FP channels], h, w), BN affine, f, step."""
+    scheme, combine, a_quant, a_bits, phi, psi, fp = case
+    n, c_lp, h, w = shape
+    c = c_lp + (0 if not fp else (4 if combine == "concat" else c_lp))
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(n, c, h, w, generator=g) * 2 + 0.5).to(device, dtype)
+    if channels_last:
+        z = z.to(memory_format=torch.channels_last)
+    weight = (torch.rand(c, generator=g) + 0.5).to(device)
+    bias = (torch.rand(c, generator=g) * 0.6 - 0.3).to(device)
+    f = torch.tensor(0.6, device=device)
+    step = torch.tensor(0.3, device=device) if a_quant == "lsq" else None
+    return [z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi]
+
+
+def _tolerances(dtype) -> tuple[float, float]:
+    """(elementwise tolerance of the output, relative tolerance of the gradients), as the tests use."""
+    if dtype == torch.float32:
+        return 1e-5, 1e-4
+    eps = torch.finfo(dtype).eps
+    return eps, 4 * eps
+
+
+def _epilogue_errors(kernel: str, args, dtype) -> list[tuple[float, str]]:
+    """(error / allowed, what) for each result of the kernel against the PyTorch kernels."""
+    out_tol, grad_tol = _tolerances(dtype)
+    with epilogue.use_kernel("torch"):
+        ref_out, ref_mean, ref_var = epilogue.block_epilogue_op(*args)
+    with epilogue.use_kernel(kernel):
+        out, mean, var = epilogue.block_epilogue_op(*args)
+    errors = []
+    for name, a, b in (("mean", mean, ref_mean), ("var", var, ref_var)):
+        excess = ((a.double() - b.double()).abs() / (1e-6 + 1e-5 * b.double().abs())).max()
+        errors.append((float(excess), f"{name}: worst |difference| / (1e-6 + 1e-5|ref|) = {float(excess):.3g}"))
+    # the output: equal within out_tol except at a few elements where a last-bit difference in the
+    # statistics moves a value across a quantizer's rounding boundary (as tests/test_block_cuda.py)
+    if out.shape != ref_out.shape or out.dtype != ref_out.dtype:
+        errors.append((math.inf, f"out: {tuple(out.shape)} {out.dtype}, expected {tuple(ref_out.shape)} {ref_out.dtype}"))
+    else:
+        bad = ~torch.isclose(out.float(), ref_out.float(), rtol=out_tol, atol=out_tol, equal_nan=True)
+        allowed = max(1, int(2e-3 * bad.numel()))
+        worst = float((out.float() - ref_out.float()).abs().max())
+        errors.append((int(bad.sum()) / allowed, f"out: {int(bad.sum())} of {bad.numel()} elements beyond "
+                                                 f"{out_tol:.2g} (allowed {allowed}), worst |difference| {worst:.3g}"))
+    grad = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(7)).to(ref_out.device, dtype)
+    rest = args[5:]
+    z, weight, bias, f, step = args[:5]
+    with epilogue.use_kernel("torch"):
+        want = epilogue.block_epilogue_backward(grad, z, weight, bias, f, step, ref_mean, ref_var, *rest)
+    with epilogue.use_kernel(kernel):
+        got = epilogue.block_epilogue_backward(grad, z, weight, bias, f, step, ref_mean, ref_var, *rest)
+    for name, a, b in zip(("dz", "dweight", "dbias", "dstep"), got, want):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            errors.append((math.inf, f"{name}: {tuple(a.shape)} {a.dtype}, expected {tuple(b.shape)} {b.dtype}"))
+            continue
+        a64, b64 = a.double(), b.double()
+        if float(b64.abs().max()) == 0:
+            err = 0.0 if float(a64.abs().max()) == 0 else math.inf
+        else:
+            err = float((a64 - b64).norm() / b64.norm())
+        errors.append((err / grad_tol, f"{name}: relative error {err:.3g} (tolerance {grad_tol:.2g})"))
+    return errors
+
+
+def check_epilogue(backend: str, dtypes=(torch.float32, torch.bfloat16)) -> Result:
+    op = "block_epilogue"
+    kernel = EPILOGUE_KERNEL[backend]
+    device = device_for(backend)
+    reason = epilogue.kernel_unavailable(kernel) or backends.why_not(backend, device, torch.float32)
+    if reason is not None:
+        return Result(op, backend, "refused", reason)
+    worst, count = (-1.0, ""), 0
+    for case in EPILOGUE_CASES:
+        for dtype in dtypes:
+            for channels_last in ((False, True) if kernel in ("cpp", "triton") else (False,)):
+                args = epilogue_args(case, dtype, device, channels_last)
+                label = (f"scheme={case[0]} {case[1]} {case[2]}{case[3]} {str(dtype).replace('torch.', '')}"
+                         + (" channels_last" if channels_last else ""))
+                for ratio, what in _epilogue_errors(kernel, args, dtype):
+                    count += 1
+                    if not math.isnan(worst[0]) and not ratio <= worst[0]:  # a NaN error is the worst
+                        worst = (ratio, f"{label}: {what}")
+    if not worst[0] <= 1:
+        return Result(op, backend, "mismatch", f"beyond the kernel tests' tolerance at {worst[1]}")
+    if backend == "reference":
+        return Result(op, backend, "ok", f"the PyTorch kernels (the reference the others are held to): ran "
+                                         f"{count} results on {device.type}")
+    return Result(op, backend, "ok", f"within the kernel tests' tolerances: {count} results on {device.type} "
+                                     f"(worst at {worst[0]:.2g} of the tolerance)")
+
+
+# --------------------------------------------------------------------------- driver
+
+def _guarded(op: str, backend: str, check: Callable[[], Result]) -> Result:
+    try:
+        return check()
+    except Exception as exc:  # noqa: BLE001 - a crashing kernel is a result to report, not to hide
+        return Result(op, backend, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def results() -> Iterator[Result]:
+    """Each op on each backend, in order; refused ones say why."""
+    for op, cases in quant_cases().items():
+        for backend in backends.NAMES:
+            yield _guarded(op, backend, lambda: check_quant(op, backend, cases))
+    for backend in backends.NAMES:
+        yield _guarded("block_epilogue", backend, lambda: check_epilogue(backend))
+
+
+def main(echo=print) -> int:
+    """Print one line per op and backend; 0 when nothing mismatched or failed, else 1."""
+    t0 = time.perf_counter()
+    counts: dict[str, int] = {}
+    for result in results():
+        echo(result.line())
+        counts[result.status] = counts.get(result.status, 0) + 1
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "mismatch", "error", "refused"))
+    bad = sum(counts.get(s, 0) for s in FAILED)
+    echo(f"selftest: {summary} in {time.perf_counter() - t0:.1f} s -> {'FAILED' if bad else 'passed'}")
+    return 1 if bad else 0
