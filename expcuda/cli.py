@@ -18,9 +18,11 @@ commands:
 
 def compare_parser() -> argparse.ArgumentParser:
     from expcuda.train.args import add_train_flags
+    from expcuda.train.errors import EXIT_CODES_HELP
     p = argparse.ArgumentParser(prog="expcuda compare", description="Baseline vs EXP-Net (vs full precision) "
                                 "with the same seeds: mean ± std of the final test accuracy, the difference, "
-                                "epoch time; one run folder each, comparison.md and curves.png.")
+                                "epoch time; one run folder each, comparison.md and curves.png.",
+                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p, modes=False)
     p.add_argument("--seeds", type=int, default=2, help="seeds per network, from --seed on (default 2)")
     p.add_argument("--full-precision", action="store_true", help="also train the full-precision network")
@@ -28,12 +30,9 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def main_compare(argv) -> int:
-    from expcuda.data import DataError
-    from expcuda.train import compare
+    from expcuda.train import compare, errors, preflight
     from expcuda.train.args import overrides
-    from expcuda.train.checkpoint import CheckpointError
     from expcuda.train.config import TrainConfig
-    from expcuda.train.export import CollapseMismatch
     from expcuda.train.stop import Interrupted
 
     ns = compare_parser().parse_args(argv)
@@ -43,17 +42,18 @@ def main_compare(argv) -> int:
     start = time.time()
     try:
         base = TrainConfig.from_preset(ns.preset, **values)
-        results = compare.run_all(base, ns.seeds, ns.full_precision)
-        text = compare.report(base, results, ns.seeds, "expcuda compare " + shlex.join(argv), time.time() - start)
+        if ns.seeds <= 0:
+            raise ValueError(f"--seeds must be positive, got {ns.seeds}")
+        with preflight.open_run_folder(base.out, "expcuda compare"):  # one compare per folder at a time
+            results = compare.run_all(base, ns.seeds, ns.full_precision)
+            text = compare.report(base, results, ns.seeds, "expcuda compare " + shlex.join(argv),
+                                  time.time() - start)
     except Interrupted as exc:
         print(f"\n{exc}; run the same compare command again to continue", file=sys.stderr)
-        return 130
-    except CollapseMismatch as exc:
+        return errors.EXIT_INTERRUPTED
+    except errors.foreseeable() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return errors.exit_code(exc)
     print("\n" + text)
     print(f"comparison: {base.out}/comparison.md, curves: {base.out}/curves.png")
     return 0

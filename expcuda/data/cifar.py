@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import torch
 
-from expcuda.data.errors import malformed, missing
+from expcuda.data.errors import check_labels, malformed, missing
 
 LAYOUT = {
     10: dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
@@ -37,8 +37,7 @@ def read_batch(path: str, label_key: bytes, classes: int):
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise malformed(path, f"data of shape (N, 3072) with N = {labels.shape[0]} labels", f"shape {data.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise malformed(path, f"labels in 0..{classes - 1}", f"labels in {labels.min()}..{labels.max()}")
+    check_labels(path, labels, classes)
     images = torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32))
     return images, torch.from_numpy(labels)
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from expcuda.data.errors import malformed, missing
+from expcuda.data.errors import check_labels, malformed, missing
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -20,6 +20,7 @@ FILES = {
 HOW = ("install Debian's package (apt-get install dataset-fashion-mnist, files in "
        f"{DEBIAN_DIR}) or pass --data-dir with a folder holding the four IDX files "
        "(from https://github.com/zalandoresearch/fashion-mnist, gzip-compressed or not)")
+CLASSES = 10
 # IDX type codes we accept: 0x08 is unsigned byte, the only one image/label files use.
 UBYTE = 0x08
 
@@ -62,7 +63,8 @@ def load_fashion_mnist(folder: str | None = None):
     folder = folder or DEBIAN_DIR
     if not os.path.isdir(folder):
         raise missing("the Fashion-MNIST folder", folder, HOW)
-    arrays = {key: read_idx(find(folder, stem)) for key, stem in FILES.items()}
+    paths = {key: find(folder, stem) for key, stem in FILES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
     out = []
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -71,6 +73,7 @@ def load_fashion_mnist(folder: str | None = None):
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise malformed(FILES[f"{split}_labels"], f"{images.shape[0]} labels (one per image)",
                             f"shape {labels.shape}")
+        check_labels(paths[f"{split}_labels"], labels, CLASSES)
         out.append(torch.from_numpy(images.copy()).unsqueeze(1))
         out.append(torch.from_numpy(labels.astype(np.int64)))
     return tuple(out)

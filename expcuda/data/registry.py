@@ -62,6 +62,9 @@ def load(name: str, data_dir: str | None = None, *, size: int, channels: int | N
          limit_train: int | None = None, limit_test: int | None = None, seed: int = 0) -> Bundle:
     """``name`` from ``data_dir`` (Fashion-MNIST: Debian's copy when None), fitted to size x size."""
     native, classes, how, augment = spec(name)
+    for flag, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ValueError(f"{flag} must be a positive int or None, got {limit!r}")  # not a slice bound
     channels = channels or native
     if name == "imagenet":
         if channels != 3:

@@ -6,6 +6,7 @@ import argparse
 
 from expcuda import models
 from expcuda.train.config import TrainConfig
+from expcuda.train.errors import EXIT_CODES_HELP
 from expcuda.train.presets import PRESETS
 
 DECAY_HELP = ("decay length: whole epochs ('30'), or a fraction of training ('0.25' or '25%%'); "
@@ -87,6 +88,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 def parser(prog: str = "expcuda train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a low-precision CNN, EXP-Net by default, "
-                                "with a preset recipe every flag can override.")
+                                "with a preset recipe every flag can override.", epilog=EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p)
     return p

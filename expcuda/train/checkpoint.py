@@ -11,6 +11,9 @@ from expcuda.train.atomic import atomic_path
 FORMAT = "expcuda-checkpoint"
 VERSION = 1
 NAME = "checkpoint.pt"
+#: what ``Run._restore`` reads: a checkpoint lacking one is refused by name, not with a KeyError
+KEYS = ("train_config", "model_config", "world", "epoch", "batch", "global_step", "partial", "history",
+        "step_loss", "model", "optimizer", "lr_scheduler", "decay", "torch_rng")
 
 
 class CheckpointError(RuntimeError):
@@ -19,7 +22,7 @@ class CheckpointError(RuntimeError):
 
 def save(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` via a temp file, fsync and rename."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, write_errors=(RuntimeError,)) as tmp:  # torch.save: RuntimeError on a full disk
         torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
 
 
@@ -38,6 +41,10 @@ def load(path: str) -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this expcuda reads "
                               f"{VERSION}; nothing was overwritten")
+    lacking = [k for k in KEYS if k not in state]
+    if lacking:
+        raise CheckpointError(f"{path} lacks {', '.join(map(repr, lacking))} (damaged or hand-edited?); "
+                              f"nothing was overwritten. Delete it to start over, or restore a copy")
     return state
 
 

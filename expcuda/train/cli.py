@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from expcuda.data import DataError
+from expcuda.train import errors
 from expcuda.train.args import config_from_args, parser
-from expcuda.train.checkpoint import CheckpointError
-from expcuda.train.export import CollapseMismatch
 from expcuda.train.stop import Interrupted
 
-EXIT_INTERRUPTED = 130
-EXIT_COLLAPSE = 3
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+EXIT_COLLAPSE = errors.EXIT_COLLAPSE
 
 
 def main_train(argv=None, prog: str = "expcuda train") -> int:
+    """Exit codes: see ``errors.EXIT_CODES_HELP`` (also in ``--help``)."""
     ns = parser(prog).parse_args(argv)
     try:
         cfg = config_from_args(ns)
@@ -23,10 +22,7 @@ def main_train(argv=None, prog: str = "expcuda train") -> int:
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except CollapseMismatch as exc:
+    except errors.foreseeable() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_COLLAPSE
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return errors.exit_code(exc)
     return 0

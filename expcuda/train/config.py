@@ -12,6 +12,18 @@ from expcuda.train.presets import PRESETS
 
 # Fields that may differ between a run and its resumption: where things are, not what is trained.
 NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
+#: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
+FIXED_BITS = {"xnor": 1, "sign": 1, "none": 32}
+FIXED_BITS_WHY = {"xnor": "XNOR weights are binary", "sign": "sign activations are binary",
+                  "none": "'none' leaves them full precision"}
+
+
+def _flag(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -62,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         values = {**PRESETS[preset], "preset": preset}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for quant, bits in (("w_quant", "w_bits"), ("a_quant", "a_bits")):
+            if overrides.get(bits) is None and values.get(quant) in FIXED_BITS:
+                values[bits] = FIXED_BITS[values[quant]]  # the recipe's bit-width does not apply to it
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -74,8 +89,22 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.decay not in ("cosine", "exponential"):
             raise ValueError(f"decay must be 'cosine' or 'exponential', got {self.decay!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        for name in ("limit_train", "limit_test", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"--{_flag(name)} must be a positive int (or left out), got {value!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"--workers must be an int >= 0, got {self.workers!r}")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("momentum", "weight_decay"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for quant, bits, what in (("w_quant", "w_bits", "weights"), ("a_quant", "a_bits", "activations")):
+            kind, value = getattr(self, quant), getattr(self, bits)
+            if kind in FIXED_BITS and value != FIXED_BITS[kind]:
+                raise ValueError(f"--{_flag(bits)} {value}: {kind} {what} have no bit-width to set "
+                                 f"({FIXED_BITS_WHY[kind]}); leave --{_flag(bits)} out")
         if not 0 < self.decay_rate < 1:
             raise ValueError(f"decay_rate must be in (0, 1), got {self.decay_rate!r}")
         if not 0 < self.decay_threshold < 1:

@@ -6,6 +6,7 @@ import copy
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,7 +39,7 @@ def export(model: nn.Module, cfg: models.ModelConfig, folder: str, stem: str) ->
     reloaded into a fresh model as a check."""
     weights, config = os.path.join(folder, f"{stem}.safetensors"), os.path.join(folder, f"{stem}.json")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
+    with atomic_path(weights, write_errors=(SafetensorError,)) as tmp:  # its I/O errors, a full disk too
         save_file(state, tmp, metadata={"config": cfg.to_json(), "format": "expcuda-model"})
     write_text(config, cfg.to_json() + "\n")
     rebuilt = load(weights, config)

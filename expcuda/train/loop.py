@@ -10,6 +10,7 @@ single process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -22,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from expcuda import models
 from expcuda.nn import sync_bn
-from expcuda.train import build, checkpoint, distributed, export, metrics, plots
+from expcuda.train import build, checkpoint, distributed, export, metrics, plots, preflight
 from expcuda.train.atomic import write_text
 from expcuda.train.config import TrainConfig
+from expcuda.train.errors import Diverged, FolderBusy, RunFolderError
 from expcuda.train.evaluate import evaluate_both
 from expcuda.train.progress import Progress, epoch_line
 from expcuda.train.stop import Interrupted, StopRequest
@@ -46,6 +48,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.bundle, self.model_cfg = build.load_data(cfg)
         self.model = models.build(self.model_cfg).to(d.device)
+        preflight.check_expand_layers(self.model_cfg, self.model)
         if d.enabled and cfg.sync_bn:  # the statistics of the global batch, as one process has them
             self.model = (nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if d.device.type == "cuda"
                           else sync_bn.convert(self.model))
@@ -128,6 +131,8 @@ class Run:
                           f"({len(self.bundle.train)} train / {len(self.bundle.test)} test images), "
                           f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, global batch {cfg.batch_size}"
                           f"{f', {self.d.world} ranks' if self.d.enabled else ''} -> {cfg.out}")
+        if self.history and self.d.main:  # resumed: the reports as of the checkpoint (trims any row ahead of it)
+            self.write_reports()
         with StopRequest() as stop:
             while self.epoch < cfg.epochs:
                 self.train_epoch(stop)
@@ -155,6 +160,10 @@ class Run:
             local = [loss.item() * y.numel(), (logits.argmax(1) == y).sum().item(), y.numel()]
             flag = float(stop.signum)
             step_sum = distributed.all_sum(self.d, local + [flag]) if self.d.enabled else local + [flag]
+            if not math.isfinite(step_sum[0]):  # every rank sees the global sum: all stop together
+                self.progress.close()
+                raise Diverged(f"the training loss is {step_sum[0] / step_sum[2]}", self.epoch + 1,
+                               self.batch + 1, self.ckpt_path)
             self.step_loss.append((step_sum[0] / step_sum[2], build.current_f(self.model)))
             for i in range(3):
                 sums[i] += step_sum[i]
@@ -184,6 +193,9 @@ class Run:
                "images_per_s": sums[2] / max(train_s, 1e-9), "data_wait": sums[3] / max(sums[4], 1e-9)}
         # at f = 0 the expanded model is the LP one: one evaluation serves both columns
         row.update(evaluate_both(self.model, self.test_loader, self.d, self.decay is not None and row["f"] > 0))
+        if not all(math.isfinite(row[k]) for k in ("test_loss", "test_loss_lp")):
+            raise Diverged(f"the test loss is {row['test_loss']} (LP alone {row['test_loss_lp']})", self.epoch + 1,
+                           self.steps_per_epoch, self.ckpt_path)
         row["epoch_time"] = sums[4]
         if self.d.enabled:  # every rank must hold the same f and the same weights
             checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
@@ -197,9 +209,9 @@ class Run:
             self.lr_scheduler.step()
         self.epoch, self.batch, self.partial = self.epoch + 1, 0, [0.0] * 5
         self.progress.log(epoch_line(row, self.cfg.epochs, self.decay is not None))
+        self.save()  # first: the reports are never ahead of the checkpoint, even when a write fails
         if self.d.main:
             self.write_reports()
-        self.save()
 
     def write_reports(self) -> None:
         out = self.cfg.out
@@ -244,7 +256,18 @@ class Run:
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """Train per ``cfg`` (joining torchrun's process group when launched by it); the summary dict."""
     d = distributed.setup()
+    held = None
     try:
+        refused = None
+        if d.main:  # the folder is checked and locked before anything is loaded or written
+            try:
+                held = preflight.open_run_folder(cfg.out, "expcuda train")
+            except (RunFolderError, FolderBusy) as exc:
+                refused = exc
+        if distributed.any_rank(d, refused is not None):
+            raise refused or FolderBusy(f"{cfg.out}: rank 0 could not take the run folder")
         return Run(cfg, d, on_step).fit()
     finally:
+        if held is not None:
+            held.release()
         distributed.teardown(d)
