@@ -22,13 +22,14 @@ branch), ``"relu"`` or ``"clip"``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from expcuda import backends
+from expcuda import _checks, backends
 from expcuda.nn import reference, sync_bn
 from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
                                    check_choice)
@@ -41,6 +42,33 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _check_geometry(kernel_size, stride, padding, dilation) -> None:
+    """Refused here, not later inside the convolution kernel: sizes >= 1, padding >= 0."""
+    for name, value, lo in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("dilation", dilation, 1),
+                            ("padding", padding, 0)):
+        if name == "padding" and isinstance(value, str):
+            continue  # 'same' / 'valid': nn.Conv2d checks those
+        parts = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if len(parts) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v < lo for v in parts):
+            raise ValueError(f"{name} must be an int >= {lo} or a pair of them, got {value!r}")
+
+
+def _check_fixed_bits(w_quant: str, w_bits, a_quant: str, a_bits) -> None:
+    """Binary quantizers have no bit-width: 1, or the blocks' shared default 2 (which they ignore)."""
+    for name, kind, bits, binary in (("w_bits", w_quant, w_bits, "xnor"), ("a_bits", a_quant, a_bits, "sign")):
+        if kind == binary and bits not in (1, 2):
+            raise ValueError(f"{name}={bits!r}: {binary} is binary, it takes no bit-width; pass {name}=1 "
+                             "or leave it out")
+
+
+def check_input(x, weight: Tensor) -> Tensor:
+    """A block's input: a float32/float16/bfloat16 tensor (the quantizers' dtypes) on a real device."""
+    if isinstance(x, Tensor) and (x.is_meta or weight.is_meta):
+        raise NotImplementedError("expcuda blocks do not run on the meta device: the quantizers compute "
+                                  "data-dependent scales (e.g. max|tanh(w)|); use a CPU or GPU tensor and module")
+    return _checks.float_tensor("input", x)
 
 
 def _check_pool(pool):
@@ -70,6 +98,14 @@ class LowPrecisionConv2d(nn.Module):
         if out_channels % groups:
             raise ValueError(f"groups must divide out_channels: out_channels={out_channels}, groups={groups}")
         check_choice("a_quant", a_quant, A_QUANTS)
+        _check_geometry(kernel_size, stride, padding, dilation)
+        _check_fixed_bits(w_quant, w_bits, a_quant, a_bits)
+        for name, value, ok in (("bn_eps", bn_eps, lambda v: v > 0),
+                                ("bn_momentum", bn_momentum, lambda v: 0 <= v <= 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'bn_eps' else 'in [0, 1]'}, "
+                                 f"got {value!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.lp_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
                                  groups, bias=False)
@@ -106,6 +142,7 @@ class LowPrecisionConv2d(nn.Module):
         return p is None or not p.f_is_zero
 
     def _split_input(self, x: Tensor) -> tuple[Tensor, bool]:
+        check_input(x, self.lp_conv.weight)
         expected = self.in_channels + self.in_extra
         if x.dim() != 4 or x.shape[1] != expected:
             raise ValueError(f"input must have shape (N, {expected}, H, W) for this block, "
@@ -132,9 +169,10 @@ class LowPrecisionConv2d(nn.Module):
         return self.lp_bn(self.conv(x, self.lp_weight(extra)))
 
     def use_fused(self) -> bool:
-        """Fused kernels unless ``fused=False``, the reference backend is forced or BN is synced
-        across DDP ranks (the fused epilogue's statistics are this rank's)."""
-        if self.fused is False or sync_bn.is_synced(self.lp_bn):
+        """Fused kernels unless ``fused=False``, the reference backend is forced, BN is synced
+        across DDP ranks (the fused epilogue's statistics are this rank's) or the activation's
+        current form has no epilogue kernel (sign activations while not quantizing)."""
+        if self.fused is False or sync_bn.is_synced(self.lp_bn) or self.aq.epilogue_args() is None:
             return False
         return backends.forced_backend() != "reference"
 
@@ -221,8 +259,13 @@ class ExpandedConv2d(LowPrecisionConv2d):
         return self.out_channels + (self.fp_channels if self.expanded and self.combine == "concat" else 0)
 
     def set_f(self, value: float) -> None:
-        """Set the decay factor; at exactly 0 the FP branch is not computed."""
-        v = float(value)
+        """Set the decay factor (a number in [0, 1]); at exactly 0 the FP branch is not computed."""
+        if isinstance(value, Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+            v = float(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            v = float(value)
+        else:
+            raise TypeError(f"f must be a number in [0, 1], got {value!r}")
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"f must be in [0, 1], got {value!r}")
         self.f.fill_(v)

@@ -31,11 +31,12 @@ def lp_epilogue(block, z: Tensor) -> Tensor:
     bn = block.lp_bn
     if not block.training or not bn.track_running_stats:
         return block.aq(bn(z))
-    step = block.aq.step if block.aq.kind == "lsq" else None
+    a_quant, a_bits, phi = block.aq.epilogue_args()
+    step = block.aq.step if a_quant == "lsq" else None
     f = getattr(block, "f", None)
     out, mean, var = epilogue.block_epilogue(
         z, bn.weight, bn.bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
-        z.shape[1], float(bn.eps), 2, "add", block.aq.kind, block.aq.bits, block.aq.phi, "identity")
+        z.shape[1], float(bn.eps), 2, "add", a_quant, a_bits, phi, "identity")
     update_running_stats(bn, mean, var, z.numel() // z.shape[1])
     return out
 
@@ -54,10 +55,11 @@ def forward(block, x: Tensor, extra: bool) -> Tensor:
     if block.training or not lp_bn.track_running_stats:
         weight = torch.cat([lp_bn.weight, fp_bn.weight])
         bias = torch.cat([lp_bn.bias, fp_bn.bias])
-        step = block.aq.step if block.aq.kind == "lsq" else None
+        a_quant, a_bits, phi = block.aq.epilogue_args()
+        step = block.aq.step if a_quant == "lsq" else None
         out, mean, var = epilogue.block_epilogue(
             z, weight, bias, block.f, step, block.out_channels, float(lp_bn.eps), block.scheme,
-            block.combine, block.aq.kind, block.aq.bits, block.aq.phi, block.fp_activation)
+            block.combine, a_quant, a_bits, phi, block.fp_activation)
         if block.training:
             count = z.numel() // z.shape[1]
             c = block.out_channels

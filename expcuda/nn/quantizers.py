@@ -38,6 +38,24 @@ def check_bits(name: str, bits, lo: int, hi: int, extra=()) -> None:
         raise ValueError(f"{name} must be {allowed}, got {bits!r}")
 
 
+def check_w_bits(kind: str, bits) -> None:
+    """The weight bit-widths each quantizer implements (xnor is binary and ignores ``bits``)."""
+    if kind == "dorefa":
+        check_bits("w_bits", bits, 1, 8)
+    elif kind == "syq":
+        check_bits("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
+    elif kind == "lsq":
+        check_bits("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
+
+
+def check_a_bits(kind: str, bits) -> None:
+    """The activation bit-widths each quantizer implements (32: DoReFa's clip alone; sign is binary)."""
+    if kind == "dorefa":
+        check_bits("a_bits", bits, 1, 8, extra=(32,))
+    elif kind == "lsq":
+        check_bits("a_bits", bits, 1, 8)
+
+
 def apply_phi(kind: str, y: Tensor) -> Tensor:
     """The elementwise nonlinearity ``phi`` / ``psi`` by name, with torch's own autograd."""
     if kind == "clip":
@@ -54,11 +72,13 @@ class WeightQuantizer(nn.Module):
                  eta: float | None = None, granularity: str = "pixel"):
         super().__init__()
         check_choice("w_quant", kind, W_QUANTS)
+        check_w_bits(kind, bits)
         self.kind, self.bits = kind, bits
-        if kind == "dorefa":
-            check_bits("w_bits", bits, 1, 8)
-        elif kind == "syq":
-            check_bits("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
+        #: False: weights pass unquantized (a progressive stage in full precision);
+        #: ``skip_in_training``: unquantized in training mode only (stochastic precision).
+        self.enabled, self.skip_in_training = True, False
+        self._eta_given = eta is not None
+        if kind == "syq":
             check_choice("w_granularity", granularity, ("pixel", "row", "layer"))
             self.eta = float(eta if eta is not None else (0.0 if bits == 1 else 0.05))
             if not 0.0 <= self.eta < 1.0:
@@ -67,9 +87,22 @@ class WeightQuantizer(nn.Module):
             shape = {"pixel": tuple(kernel_size), "row": (kernel_size[0],), "layer": ()}[granularity]
             self.scales = nn.Parameter(torch.ones(shape))
         elif kind == "lsq":
-            check_bits("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
             self.step = nn.Parameter(torch.ones(()))
         # xnor: binary by definition, w_bits is not used
+
+    @property
+    def quantizing(self) -> bool:
+        return self.enabled and not (self.training and self.skip_in_training)
+
+    def set_bits(self, bits: int, reinit_from: Tensor | None = None) -> None:
+        """Change the bit-width in place (a staircase stage); ``reinit_from`` re-initialises the
+        learned scales from those weights (else they carry over). SYQ's default threshold follows."""
+        check_w_bits(self.kind, bits)
+        self.bits = bits
+        if self.kind == "syq" and not self._eta_given:
+            self.eta = 0.0 if bits == 1 else 0.05
+        if reinit_from is not None:
+            self.init_from(reinit_from)
 
     @torch.no_grad()
     def init_from(self, w: Tensor) -> None:
@@ -81,6 +114,8 @@ class WeightQuantizer(nn.Module):
             self.step.fill_(2 * mean_abs / math.sqrt(2 ** (self.bits - 1) - 1))
 
     def forward(self, w: Tensor) -> Tensor:
+        if not self.quantizing:
+            return w
         if self.kind == "dorefa":
             return quant.dorefa_weight(w, self.bits)
         if self.kind == "xnor":
@@ -103,16 +138,52 @@ class ActivationQuantizer(nn.Module):
             raise ValueError(f"a_quant must be 'none' when activation=False (the block ends at its "
                              f"BatchNorm), got {kind!r}")
         self.kind, self.bits, self.activation = kind, bits, activation
-        if kind == "dorefa":
-            check_bits("a_bits", bits, 1, 8, extra=(32,))
-        elif kind == "lsq":
-            check_bits("a_bits", bits, 1, 8)
-            # covers [0, 2] at the start: post-BN activations rarely go further
-            self.step = nn.Parameter(torch.full((), 2.0 / (2**bits - 1)))
+        check_a_bits(kind, bits)
+        #: as in WeightQuantizer: off (progressive stage) or off in training (stochastic precision)
+        self.enabled, self.skip_in_training = True, False
+        if kind == "lsq":
+            self.step = nn.Parameter(torch.ones(()))
+            self.init_step()
         self.phi = ACTIVATIONS[kind] if activation else "identity"
+
+    @torch.no_grad()
+    def init_step(self) -> None:
+        """LSQ's initial step: covers [0, 2] (post-BN activations rarely go further)."""
+        self.step.fill_(2.0 / (2**self.bits - 1))
+
+    @property
+    def quantizing(self) -> bool:
+        return self.enabled and not (self.training and self.skip_in_training)
+
+    def set_bits(self, bits: int, reinit: bool = True) -> None:
+        """Change the bit-width in place (a staircase stage); ``reinit`` resets LSQ's step."""
+        check_a_bits(self.kind, bits)
+        self.bits = bits
+        if reinit and self.kind == "lsq":
+            self.init_step()
+
+    def full_precision(self, u: Tensor) -> Tensor:
+        """What stands for ``Qa`` while this unit is not quantizing: DoReFa's [0, 1] clip, sign's
+        hardtanh (its STE's range), nothing for LSQ and none (u went through ReLU already)."""
+        if self.kind == "dorefa":
+            return torch.clamp(u, 0.0, 1.0)
+        if self.kind == "sign":
+            return torch.clamp(u, -1.0, 1.0)
+        return u
+
+    def epilogue_args(self):
+        """(a_quant, a_bits, phi) for the fused block epilogue, None when it cannot express the
+        current form (sign's hardtanh while not quantizing)."""
+        if self.quantizing:
+            return self.kind, self.bits, self.phi
+        if self.kind == "sign":
+            return None
+        return "none", self.bits, {"dorefa": "clip"}.get(self.kind, self.phi)
 
     def quantize(self, u: Tensor) -> Tensor:
         """``Qa`` alone (u already went through ``phi``)."""
+        if not self.quantizing:
+            return self.full_precision(u)
         if self.kind == "dorefa":
             return torch.clamp(u, 0.0, 1.0) if self.bits == 32 else quant.dorefa_activation(u, self.bits)
         if self.kind == "sign":
@@ -122,7 +193,7 @@ class ActivationQuantizer(nn.Module):
         return u
 
     def forward(self, y: Tensor) -> Tensor:
-        if self.kind == "dorefa" and self.bits != 32:
+        if self.kind == "dorefa" and self.bits != 32 and self.quantizing:
             # clip-then-DoReFa is the DoReFa quantizer itself, forward and STE mask alike
             return quant.dorefa_activation(y, self.bits)
         return self.quantize(apply_phi(self.phi, y))
