@@ -40,7 +40,13 @@ def unavailable() -> Optional[str]:
 
 
 if _REASON is None:
+    from expcuda.quant import triton_kernels as tk
     from expcuda.quant.triton_kernels import _clamp, _rint  # the quantizers' rounding and clip
+
+    @triton.jit
+    def _div(a, b):
+        """a / b rounded to nearest (Triton's ``/`` is approximate on GPU), b a scalar or like a."""
+        return tl.div_rn(a, b + tl.zeros_like(a))
 
     @triton.jit
     def _phi(y, KIND: tl.constexpr):
@@ -66,11 +72,11 @@ if _REASON is None:
             if CLIP_ONLY:
                 return _clamp(u, 0.0, 1.0)
             else:
-                return _rint(_clamp(u, 0.0, 1.0) * levels) / levels
+                return _div(_rint(_clamp(u, 0.0, 1.0) * levels), levels)
         elif AQ == 2:
             return (u > 0.0).to(tl.float32) - (u < 0.0).to(tl.float32)
         elif AQ == 3:
-            return _rint(_clamp(u / step, 0.0, levels)) * step
+            return _rint(_clamp(_div(u, step), 0.0, levels)) * step
         else:
             return u
 
@@ -82,7 +88,7 @@ if _REASON is None:
         elif AQ == 2:
             return tl.where(tl.abs(u) <= 1.0, g, 0.0), g * 0.0
         elif AQ == 3:
-            v = u / step
+            v = _div(u, step)
             inside = (v >= 0.0) & (v <= levels)
             r = tl.where(inside, _rint(v) - v, tl.where(v < 0.0, 0.0, levels))
             return tl.where(inside, g, 0.0), g * r
@@ -137,7 +143,7 @@ if _REASON is None:
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
                     CLIP_ONLY: tl.constexpr, PHI: tl.constexpr, PSI: tl.constexpr,
                     CL: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # z may pass 2**31
         mask = offs < total
         n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
         y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
@@ -165,7 +171,7 @@ if _REASON is None:
                     total, hw, c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
                     PHI: tl.constexpr, PSI: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # z may pass 2**31
         mask = offs < total
         n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -216,8 +222,8 @@ def forward(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bit
     out = torch.empty((n, c_out, h, wd), dtype=z.dtype, device=z.device, memory_format=fmt)
     total = out.numel()
     s = float(step) if step is not None else 1.0
-    _fwd_kernel[(triton.cdiv(total, BLOCK),)](
-        z, mean, inv, w, b, out, float(f), s, _levels(a_quant, a_bits), total, h * wd, c_out, c_lp,
+    tk.launch(
+        _fwd_kernel, (triton.cdiv(total, BLOCK),), z, mean, inv, w, b, out, float(f), s, _levels(a_quant, a_bits), total, h * wd, c_out, c_lp,
         c_tot, SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], CLIP_ONLY=a_bits == 32, PHI=epilogue.PHI_CODES[phi],
         PSI=epilogue.PHI_CODES[psi], CL=fmt == torch.channels_last, BLOCK=BLOCK)
@@ -234,8 +240,8 @@ def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combi
     n, _, h, wd = z.shape
     s = float(step) if step is not None else 1.0
     levels = _levels(a_quant, a_bits)
-    _bwd_kernel[(triton.cdiv(total, BLOCK),)](
-        grad, z, mean, inv, w, b, dy, rterm, float(f), s, levels, total, h * wd, c_out, c_lp, c_tot,
+    tk.launch(
+        _bwd_kernel, (triton.cdiv(total, BLOCK),), grad, z, mean, inv, w, b, dy, rterm, float(f), s, levels, total, h * wd, c_out, c_lp, c_tot,
         SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], PHI=epilogue.PHI_CODES[phi], PSI=epilogue.PHI_CODES[psi],
         CL=fmt == torch.channels_last, BLOCK=BLOCK)

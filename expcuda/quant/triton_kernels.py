@@ -8,8 +8,9 @@ CPU tensors, under ``TRITON_INTERPRET=1``.  How the rules are kept here:
 * every kernel loads its inputs as float32 and does float32 arithmetic;
   bfloat16 is loaded and stored through its bits (the interpreter's own
   bfloat16 conversion truncates), rounding to nearest even like torch;
-* launches pass ``enable_fp_fusion=False``: on GPU Triton would otherwise
-  contract ``a * b + c`` into one FMA and skip a rounding the reference does;
+* every launch goes through :func:`launch`, which passes ``enable_fp_fusion=False``: on GPU
+  Triton would otherwise contract ``a * b + c`` into one FMA and skip a rounding the
+  reference does (``tests/test_triton_ptx.py`` reads the sm_90 PTX for FMAs);
   divisions by a tensor use ``tl.div_rn`` (Triton's ``/`` is approximate on GPU);
 * ``round`` is :func:`_rint`, an add-and-subtract of 2**23 (exact, half to
   even) that keeps the sign of a zero result as ``torch.round`` does;
@@ -29,6 +30,7 @@ device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,6 +45,14 @@ F64 = torch.float64
 BLOCK = 1024          # elements per program; a multiple of 8 for the packed mask
 RBLOCK = 1024         # elements per program of the reduction kernels
 _LAUNCH = {"enable_fp_fusion": False}   # no FMA contraction (see the docstring)
+
+
+def launch(kernel, grid, *args, **meta):
+    """Every Triton launch of expcuda: ``kernel[grid](*args, **meta)`` without FMA contraction,
+    on the GPU of its first tensor argument (Triton itself launches on the current device)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta, **_LAUNCH)
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -317,8 +327,8 @@ def _grid(numel: int, block: int = BLOCK) -> tuple[int]:
 def _absmax(t: torch.Tensor) -> torch.Tensor:
     """max|t| over the whole tensor as a float32 0-dim tensor (NaN if any NaN)."""
     part = torch.empty(_grid(t.numel())[0], dtype=F32, device=t.device)
-    _absmax_partial_kernel[_grid(t.numel())](_bits(t), part, t.numel(),
-                                             X_BF16=_is_bf16(t), BLOCK=BLOCK, **_LAUNCH)
+    launch(_absmax_partial_kernel, _grid(t.numel()), _bits(t), part, t.numel(),
+           X_BF16=_is_bf16(t), BLOCK=BLOCK)
     return part.amax()
 
 
@@ -329,9 +339,9 @@ def _group_sums(mode: int, a: torch.Tensor, b=None, thr=None, G: int = 1, B: int
     part = torch.empty((G, nchunks), dtype=F64, device=a.device)
     b = a if b is None else b
     thr = part if thr is None else thr               # unused unless MODE == 2
-    _group_sum_kernel[(nchunks, G)](_bits(a), _bits(b), thr, part, G, B, ab, nchunks,
-                                    MODE=mode, A_BF16=_is_bf16(a), B_BF16=_is_bf16(b),
-                                    BLOCK=RBLOCK, **_LAUNCH)
+    launch(_group_sum_kernel, (nchunks, G), _bits(a), _bits(b), thr, part, G, B, ab, nchunks,
+           MODE=mode, A_BF16=_is_bf16(a), B_BF16=_is_bf16(b),
+           BLOCK=RBLOCK)
     return part.sum(dim=1)
 
 
@@ -348,16 +358,16 @@ def dorefa_activation_fwd(x, bits):
     n = float(2**bits - 1)
     y = torch.empty_like(x)
     mask = torch.empty(((x.numel() + 7) // 8,), dtype=torch.uint8, device=x.device)
-    _dorefa_act_fwd_kernel[_grid(x.numel())](_bits(x), _bits(y), mask, x.numel(), n,
-                                             X_BF16=_is_bf16(x),
-                                             BLOCK=BLOCK, **_LAUNCH)
+    launch(_dorefa_act_fwd_kernel, _grid(x.numel()), _bits(x), _bits(y), mask, x.numel(), n,
+           X_BF16=_is_bf16(x),
+           BLOCK=BLOCK)
     return y, mask
 
 
 def mask_bwd(grad, mask):
     dx = torch.empty_like(grad)
-    _mask_bwd_kernel[_grid(grad.numel())](_bits(grad), mask, _bits(dx), grad.numel(),
-                                          G_BF16=_is_bf16(grad), BLOCK=BLOCK, **_LAUNCH)
+    launch(_mask_bwd_kernel, _grid(grad.numel()), _bits(grad), mask, _bits(dx), grad.numel(),
+           G_BF16=_is_bf16(grad), BLOCK=BLOCK)
     return dx
 
 
@@ -366,8 +376,8 @@ def mask_bwd(grad, mask):
 def sign_activation_fwd(x):
     y = torch.empty_like(x)
     mask = torch.empty(((x.numel() + 7) // 8,), dtype=torch.uint8, device=x.device)
-    _sign_act_fwd_kernel[_grid(x.numel())](_bits(x), _bits(y), mask, x.numel(),
-                                           X_BF16=_is_bf16(x), BLOCK=BLOCK, **_LAUNCH)
+    launch(_sign_act_fwd_kernel, _grid(x.numel()), _bits(x), _bits(y), mask, x.numel(),
+           X_BF16=_is_bf16(x), BLOCK=BLOCK)
     return y, mask
 
 
@@ -377,16 +387,16 @@ def dorefa_weight_fwd(w, bits):
     out = torch.empty_like(w)
     if bits == 1:
         e = div(_group_sums(_SUM_ABS, w)[0], w.numel()).to(F32).reshape(1)
-        _sign_scale_kernel[_grid(w.numel())](_bits(w), e, e, _bits(out), w.numel(), 1, 1,
-                                             USE_THR=False, W_BF16=_is_bf16(w),
-                                             BLOCK=BLOCK, **_LAUNCH)
+        launch(_sign_scale_kernel, _grid(w.numel()), _bits(w), e, e, _bits(out), w.numel(), 1, 1,
+               USE_THR=False, W_BF16=_is_bf16(w),
+               BLOCK=BLOCK)
         return out
     t = torch.tanh(w.to(F32))            # ATen's tanh, as every backend uses
     m = _absmax(t)
     n = float(2**bits - 1)
-    _dorefa_w_fwd_kernel[_grid(w.numel())](t, m, _bits(out), w.numel(), n,
-                                           OUT_BF16=_is_bf16(w),
-                                           BLOCK=BLOCK, **_LAUNCH)
+    launch(_dorefa_w_fwd_kernel, _grid(w.numel()), t, m, _bits(out), w.numel(), n,
+           OUT_BF16=_is_bf16(w),
+           BLOCK=BLOCK)
     return out
 
 
@@ -399,16 +409,16 @@ def dorefa_weight_bwd(grad, w, bits):
     nprog = _grid(w.numel())[0]
     sums = torch.empty(nprog, dtype=F64, device=w.device)
     ties = torch.empty(nprog, dtype=torch.int64, device=w.device)
-    _dorefa_w_bwd_stats_kernel[(nprog,)](_bits(grad), t, m, sums, ties, w.numel(),
-                                         G_BF16=_is_bf16(grad), BLOCK=BLOCK, **_LAUNCH)
+    launch(_dorefa_w_bwd_stats_kernel, (nprog,), _bits(grad), t, m, sums, ties, w.numel(),
+           G_BF16=_is_bf16(grad), BLOCK=BLOCK)
     # the reference's scalar arithmetic, verbatim: d(loss)/d(max|t|) shared by the ties
     d = 2 * m
     s = sums.sum()
     share = (-2.0 * s / d.to(F64) / ties.sum().to(F64)).to(F32)
     out = torch.empty_like(w)
-    _dorefa_w_bwd_kernel[(nprog,)](_bits(grad), t, m, share, _bits(out), w.numel(),
-                                   G_BF16=_is_bf16(grad), OUT_BF16=_is_bf16(w),
-                                   BLOCK=BLOCK, **_LAUNCH)
+    launch(_dorefa_w_bwd_kernel, (nprog,), _bits(grad), t, m, share, _bits(out), w.numel(),
+           G_BF16=_is_bf16(grad), OUT_BF16=_is_bf16(w),
+           BLOCK=BLOCK)
     return out
 
 
@@ -429,9 +439,9 @@ def xnor_weight_fwd(w):
     rows, _ = _filters(w)
     alpha = _xnor_alpha(w)
     out = torch.empty_like(w)
-    _sign_scale_kernel[_grid(w.numel())](_bits(w), alpha, alpha, _bits(out), w.numel(),
-                                         rows, w.numel() // rows, USE_THR=False,
-                                         W_BF16=_is_bf16(w), BLOCK=BLOCK, **_LAUNCH)
+    launch(_sign_scale_kernel, _grid(w.numel()), _bits(w), alpha, alpha, _bits(out), w.numel(),
+           rows, w.numel() // rows, USE_THR=False,
+           W_BF16=_is_bf16(w), BLOCK=BLOCK)
     return out
 
 
@@ -440,9 +450,9 @@ def xnor_weight_bwd(grad, w):
     alpha = _xnor_alpha(w)
     t = div(_group_sums(_SUM_SIGN_B, w, grad, G=rows, B=w.numel() // rows), n).to(F32)
     out = torch.empty_like(w)
-    _xnor_bwd_kernel[_grid(w.numel())](_bits(grad), _bits(w), alpha, t, _bits(out), w.numel(),
-                                       w.numel() // rows, G_BF16=_is_bf16(grad),
-                                       W_BF16=_is_bf16(w), BLOCK=BLOCK, **_LAUNCH)
+    launch(_xnor_bwd_kernel, _grid(w.numel()), _bits(grad), _bits(w), alpha, t, _bits(out), w.numel(),
+           w.numel() // rows, G_BF16=_is_bf16(grad),
+           W_BF16=_is_bf16(w), BLOCK=BLOCK)
     return out
 
 
@@ -473,9 +483,9 @@ def syq_weight_fwd(w, scales, eta, granularity):
     s = scales.to(F32).reshape(-1)
     thr = _syq_threshold(w, eta)
     out = torch.empty_like(w)
-    _sign_scale_kernel[_grid(w.numel())](_bits(w), s, thr, _bits(out), w.numel(), g, b,
-                                         USE_THR=True, W_BF16=_is_bf16(w),
-                                         BLOCK=BLOCK, **_LAUNCH)
+    launch(_sign_scale_kernel, _grid(w.numel()), _bits(w), s, thr, _bits(out), w.numel(), g, b,
+           USE_THR=True, W_BF16=_is_bf16(w),
+           BLOCK=BLOCK)
     return out
 
 
@@ -484,9 +494,9 @@ def syq_weight_bwd(grad, w, scales, eta, granularity):
     s = scales.to(F32).reshape(-1)
     thr = _syq_threshold(w, eta)
     dw = torch.empty_like(w)
-    _syq_bwd_dw_kernel[_grid(w.numel())](_bits(grad), s, _bits(dw), w.numel(), g, b,
-                                         G_BF16=_is_bf16(grad), OUT_BF16=_is_bf16(w),
-                                         BLOCK=BLOCK, **_LAUNCH)
+    launch(_syq_bwd_dw_kernel, _grid(w.numel()), _bits(grad), s, _bits(dw), w.numel(), g, b,
+           G_BF16=_is_bf16(grad), OUT_BF16=_is_bf16(w),
+           BLOCK=BLOCK)
     ds = _group_sums(_SUM_KEPT_SIGN_B, w, grad, thr, G=g, B=b)
     return dw, ds.to(F32).to(scales.dtype).view_as(scales)
 
@@ -506,8 +516,8 @@ def lsq_fwd(x, step, bits, signed):
     qn, qp = _lsq_range(bits, signed)
     s = step.to(F32).reshape(1)
     y = torch.empty_like(x)
-    _lsq_fwd_kernel[_grid(x.numel())](_bits(x), s, _bits(y), x.numel(), qn, qp,
-                                      X_BF16=_is_bf16(x), BLOCK=BLOCK, **_LAUNCH)
+    launch(_lsq_fwd_kernel, _grid(x.numel()), _bits(x), s, _bits(y), x.numel(), qn, qp,
+           X_BF16=_is_bf16(x), BLOCK=BLOCK)
     return y
 
 
@@ -516,9 +526,9 @@ def lsq_bwd(grad, x, step, bits, signed):
     s = step.to(F32).reshape(1)
     dx = torch.empty_like(x)
     part = torch.empty(_grid(x.numel())[0], dtype=F64, device=x.device)
-    _lsq_bwd_kernel[_grid(x.numel())](_bits(grad), _bits(x), s, _bits(dx), part, x.numel(),
-                                      qn, qp, G_BF16=_is_bf16(grad), X_BF16=_is_bf16(x),
-                                      BLOCK=BLOCK, **_LAUNCH)
+    launch(_lsq_bwd_kernel, _grid(x.numel()), _bits(grad), _bits(x), s, _bits(dx), part, x.numel(),
+           qn, qp, G_BF16=_is_bf16(grad), X_BF16=_is_bf16(x),
+           BLOCK=BLOCK)
     # the reference's scalar arithmetic, with its qp (not rounded to float32)
     qp_exact = float(2 ** (bits - 1) - 1) if signed else float(2**bits - 1)
     ds = div(part.sum(), math.sqrt(x.numel() * qp_exact)).to(F32)
