@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from expcuda import backends
+from tests import triton_ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = backends.why_not("triton", DEVICE, torch.float32)
@@ -74,56 +75,9 @@ def _record_launches(monkeypatch) -> list[dict]:
             return run
 
     monkeypatch.setattr(T, "launch", lambda kernel, grid, *a, **k: original(Recorder(kernel), grid, *a, **k))
-    _run_quantizers(T)
-    _run_epilogue(E)
+    triton_ops.run_quantizers(T, DEVICE)
+    triton_ops.run_epilogue(E, DEVICE)
     return list(seen.values())
-
-
-def _run_quantizers(T) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(40, generator=gen).to(dtype).to(DEVICE)
-        w = torch.randn(2, 3, 3, 2, generator=gen).to(dtype).to(DEVICE)
-        g = torch.randn(w.shape, generator=gen).to(dtype).to(DEVICE)
-        y, mask = T.dorefa_activation_fwd(x, 2)
-        T.mask_bwd(y, mask)
-        T.sign_activation_fwd(x)
-        for bits in (1, 2):
-            T.dorefa_weight_fwd(w, bits)
-            T.dorefa_weight_bwd(g, w, bits)
-        T.xnor_weight_fwd(w)
-        T.xnor_weight_bwd(g, w)
-        scales = torch.rand(3, generator=gen).to(DEVICE)
-        T.syq_weight_fwd(w, scales, 0.05, "row")
-        T.syq_weight_bwd(g, w, scales, 0.05, "row")
-        step = torch.tensor(0.3, device=DEVICE)
-        T.lsq_fwd(x, step, 2, True)
-        T.lsq_bwd(x, x, step, 2, True)
-
-
-# (c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi, channels of z, channels_last)
-EPILOGUES = [
-    (3, 1e-5, 2, "add", "dorefa", 2, "clip", "relu", 6, False),
-    (4, 1e-5, 1, "concat", "lsq", 2, "relu", "identity", 6, True),
-    (3, 1e-5, 1, "sub", "sign", 1, "identity", "clip", 6, False),
-    (3, 1e-5, 2, "sub", "none", 32, "relu", "relu", 6, True),
-    (4, 1e-5, 1, "add", "dorefa", 32, "clip", "clip", 4, False),
-    (4, 1e-5, 2, "add", "lsq", 3, "relu", "relu", 4, False),
-]
-
-
-def _run_epilogue(E) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for *args, channels, cl in EPILOGUES:
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        z = torch.randn(2, channels, 3, 2, generator=gen).to(DEVICE).to(memory_format=fmt)
-        w = (torch.rand(channels, generator=gen) + 0.5).to(DEVICE)
-        b = torch.randn(channels, generator=gen).to(DEVICE)
-        f = torch.tensor(0.4, device=DEVICE)
-        step = torch.tensor(0.3, device=DEVICE) if args[4] == "lsq" else None
-        out, mean, var = E.forward(z, w, b, f, step, *args)
-        grad = torch.randn(out.shape, generator=gen).to(DEVICE).to(memory_format=fmt)
-        E.backward(grad, z, w, b, f, step, mean, var, *args)
 
 
 @pytest.fixture(scope="module")

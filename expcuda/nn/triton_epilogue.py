@@ -138,12 +138,14 @@ if _REASON is None:
         return ((z - mu) * inv) * w + b, m
 
     @triton.jit
-    def _fwd_kernel(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, out_ptr, f, step, levels, total, hw,
+    def _fwd_kernel(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, out_ptr, f_ptr, s_ptr, levels, total, hw,
                     c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
                     CLIP_ONLY: tl.constexpr, PHI: tl.constexpr, PSI: tl.constexpr,
                     CL: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # z may pass 2**31
+        f = tl.load(f_ptr)  # f and the step are read on the device: no host sync
+        step = tl.load(s_ptr)
         mask = offs < total
         n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
         y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
@@ -167,11 +169,13 @@ if _REASON is None:
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(g_ptr, z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, dy_ptr, r_ptr, f, step, levels,
+    def _bwd_kernel(g_ptr, z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, dy_ptr, r_ptr, f_ptr, s_ptr, levels,
                     total, hw, c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
                     PHI: tl.constexpr, PSI: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # z may pass 2**31
+        f = tl.load(f_ptr)  # f and the step are read on the device: no host sync
+        step = tl.load(s_ptr)
         mask = offs < total
         n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -210,6 +214,13 @@ def _launch_args(z, weight, bias, mean, var, c_lp, eps, combine):
             bias.to(torch.float32).contiguous())
 
 
+def _scalars(f, step, z):
+    """f and the step (f again when there is none) as float32 one-element tensors on z's device,
+    for the kernels to load: ``float(f)`` would wait for the GPU."""
+    f = f.to(device=z.device, dtype=torch.float32).reshape(1)
+    return f, (f if step is None else step.to(device=z.device, dtype=torch.float32).reshape(1))
+
+
 def _levels(a_quant, a_bits):
     return float(2**a_bits - 1) if a_bits != 32 else 1.0
 
@@ -221,10 +232,10 @@ def forward(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bit
     fmt = epilogue.layout(z)  # z is NCHW-contiguous or channels_last; out is laid out alike
     out = torch.empty((n, c_out, h, wd), dtype=z.dtype, device=z.device, memory_format=fmt)
     total = out.numel()
-    s = float(step) if step is not None else 1.0
+    f, s = _scalars(f, step, z)
     tk.launch(
-        _fwd_kernel, (triton.cdiv(total, BLOCK),), z, mean, inv, w, b, out, float(f), s, _levels(a_quant, a_bits), total, h * wd, c_out, c_lp,
-        c_tot, SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
+        _fwd_kernel, (triton.cdiv(total, BLOCK),), z, mean, inv, w, b, out, f, s,
+        _levels(a_quant, a_bits), total, h * wd, c_out, c_lp, c_tot, SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], CLIP_ONLY=a_bits == 32, PHI=epilogue.PHI_CODES[phi],
         PSI=epilogue.PHI_CODES[psi], CL=fmt == torch.channels_last, BLOCK=BLOCK)
     return out, mean, var
@@ -238,10 +249,11 @@ def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combi
     rterm = torch.empty(grad.shape, dtype=torch.float32, device=z.device)
     total = grad.numel()
     n, _, h, wd = z.shape
-    s = float(step) if step is not None else 1.0
+    fs, s = _scalars(f, step, z)
     levels = _levels(a_quant, a_bits)
     tk.launch(
-        _bwd_kernel, (triton.cdiv(total, BLOCK),), grad, z, mean, inv, w, b, dy, rterm, float(f), s, levels, total, h * wd, c_out, c_lp, c_tot,
+        _bwd_kernel, (triton.cdiv(total, BLOCK),), grad, z, mean, inv, w, b, dy, rterm, fs, s,
+        levels, total, h * wd, c_out, c_lp, c_tot,
         SCHEME=scheme, SUB=combine == "sub", CONCAT=combine == "concat", HAS_FP=has_fp,
         AQ=epilogue.A_QUANT_CODES[a_quant], PHI=epilogue.PHI_CODES[phi], PSI=epilogue.PHI_CODES[psi],
         CL=fmt == torch.channels_last, BLOCK=BLOCK)

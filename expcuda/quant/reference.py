@@ -46,9 +46,10 @@ def div(a: Tensor, b: float) -> Tensor:
 
     ATen on CUDA computes ``tensor / python_number`` as a multiplication by the
     rounded reciprocal; dividing by a tensor on a's own device is a true
-    division everywhere, as the C++, CUDA and Triton kernels do.
+    division everywhere, as the C++, CUDA and Triton kernels do.  ``torch.full`` writes b on the
+    device with a fill kernel: no blocking host-to-device copy (``torch.tensor(b, device=...)``).
     """
-    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+    return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
 def sign(v: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -509,7 +510,7 @@ def _lsq_range(bits, signed) -> tuple[float, float]:
     else:
         qn, qp = 0, 2**bits - 1
     # torch.clamp compares with the bounds rounded to float32; so do the kernels
-    return float(torch.tensor(float(qn), dtype=F32)), float(torch.tensor(float(qp), dtype=F32))
+    return float(numpy.float32(qn)), float(numpy.float32(qp))
 
 
 def lsq_fwd(x, step, bits, signed):
