@@ -83,3 +83,84 @@ def test_training_step_on_the_gpu_never_syncs():
             block(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- 4: the tensor's GPU
+
+class _DeviceRecorder:
+    """Stands in for torch.cuda.device: remembers which device is entered, and when."""
+
+    def __init__(self):
+        self.current = None
+
+    def __call__(self, device):
+        @contextlib.contextmanager
+        def enter():
+            self.current, before = torch.device(device), self.current
+            try:
+                yield
+            finally:
+                self.current = before
+        return enter()
+
+
+@needs_triton
+def test_launch_runs_on_the_gpu_of_its_tensors(monkeypatch):
+    T, _ = _modules()
+    recorder = _DeviceRecorder()
+    monkeypatch.setattr(torch.cuda, "device", recorder)
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append((grid, recorder.current, meta))
+
+    on_gpu1 = mock.MagicMock(spec=torch.Tensor)
+    on_gpu1.device = torch.device("cuda", 1)
+    T.launch(Kernel(), (3,), 7, on_gpu1, BLOCK=8)
+    assert seen == [((3,), torch.device("cuda", 1), {"BLOCK": 8, "enable_fp_fusion": False})]
+    T.launch(Kernel(), (1,), torch.zeros(2), BLOCK=8)  # a CPU tensor (the interpreter): no guard
+    assert seen[-1][1] is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_ops_on_the_second_gpu_match_the_reference():
+    if TRITON is not None:
+        pytest.skip(f"triton backend: {TRITON}")
+    T, _ = _modules()
+    from expcuda.quant import reference as R
+    x = torch.randn(5000, device="cuda:1")
+    step = torch.full((), 0.2, device="cuda:1")
+    with torch.cuda.device(0):
+        for got, want in [(T.lsq_fwd(x, step, 2, True), R.lsq_fwd(x, step, 2, True)),
+                          (T.xnor_weight_fwd(x.view(50, 100)), R.xnor_weight_fwd(x.view(50, 100)))]:
+            assert got.device == x.device and torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- 5: grids CUDA takes
+
+@needs_triton
+def test_grids_fit_cuda_limits_for_a_large_linear_weight(monkeypatch):
+    """A Linear XNOR weight with more than 65535 rows: every grid fits CUDA's limits (axis 0
+    below 2**31, axes 1 and 2 at most 65535).  The kernels are recorded, not run."""
+    T, _ = _modules()
+    grids = []
+    monkeypatch.setattr(T, "launch", lambda kernel, grid, *a, **k: grids.append((kernel, grid)))
+    w = torch.randn(70000, 2).to(DEVICE)
+    T.xnor_weight_fwd(w)
+    T.xnor_weight_bwd(w, w)
+    assert grids
+    for kernel, grid in grids:
+        assert grid[0] < 2**31 and all(n <= 65535 for n in grid[1:]), (kernel, grid)
+
+
+@needs_triton
+def test_group_sums_over_many_groups_and_chunks_match_the_reference():
+    """The one-axis grid of the group sums: several groups of several chunks each."""
+    T, _ = _modules()
+    from expcuda.quant import reference as R
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 2500, generator=gen).to(DEVICE)
+    g = torch.randn(3, 2500, generator=gen).to(DEVICE)
+    assert torch.equal(T.xnor_weight_fwd(w), R.xnor_weight_fwd(w))
+    assert torch.equal(T.xnor_weight_bwd(g, w), R.xnor_weight_bwd(g, w))

@@ -180,12 +180,14 @@ def _group_sum_kernel(a_ptr, b_ptr, thr_ptr, part_ptr, G, B, AB, nchunks,
                       BLOCK: tl.constexpr):
     """Float64 partial sums per group, for a tensor seen as (A, G, B), group = middle index.
 
-    Program (c, g) sums the c-th chunk of BLOCK of group g's A*B elements into
-    part[g, c] (chunks on grid axis 0, which allows more than 65535 programs).  Whole tensor: G = B = 1; XNOR filters: A = 1, G = out_channels;
-    SYQ rows: (out*in, kh, kw); SYQ pixels: (out*in, kh*kw, 1).
+    Program g * nchunks + c sums the c-th chunk of BLOCK of group g's A*B elements into
+    part[g, c].  One grid axis (axis 0 takes 2**31 - 1 programs; axes 1 and 2 stop at 65535,
+    fewer than the rows of a large Linear weight).  Whole tensor: G = B = 1; XNOR filters:
+    A = 1, G = out_channels; SYQ rows: (out*in, kh, kw); SYQ pixels: (out*in, kh*kw, 1).
     """
-    c = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid // nchunks
+    c = pid % nchunks
     k = c * BLOCK + tl.arange(0, BLOCK)
     inb = k < AB
     offs = ((k // B) * G + g) * B + k % B
@@ -340,7 +342,7 @@ def _group_sums(mode: int, a: torch.Tensor, b=None, thr=None, G: int = 1, B: int
     part = torch.empty((G, nchunks), dtype=F64, device=a.device)
     b = a if b is None else b
     thr = part if thr is None else thr               # unused unless MODE == 2
-    launch(_group_sum_kernel, (nchunks, G), _bits(a), _bits(b), thr, part, G, B, ab, nchunks,
+    launch(_group_sum_kernel, (G * nchunks,), _bits(a), _bits(b), thr, part, G, B, ab, nchunks,
            MODE=mode, A_BF16=_is_bf16(a), B_BF16=_is_bf16(b),
            BLOCK=RBLOCK)
     return part.sum(dim=1)
