@@ -46,6 +46,8 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size (split over DDP ranks)")
     g.add_argument("--seed", type=int)
+    g.add_argument("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
+    add_method_flags(p)
     g = p.add_argument_group("data and run")
     g.add_argument("--data-dir", help="data folder (default for fmnist: Debian's dataset-fashion-mnist)")
     g.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
@@ -59,12 +61,51 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
                    help="DDP: BatchNorm statistics per rank (the fused kernels) instead of the global batch's")
 
 
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """Zhuang et al.'s three methods (expcuda.methods); each combines with EXP-Net and --baseline."""
+    g = p.add_argument_group("progressive quantization (Zhuang et al.)")
+    g.add_argument("--progressive", metavar="two-stage|bits:32,8,4,2",
+                   help="two-stage: quantized weights with FP activations, then both; bits:LIST: a strictly "
+                        "descending staircase of bit-widths ending at --w-bits/--a-bits (32 = full precision, "
+                        "W/A entries such as 2/1 allowed), each stage from the previous one's weights")
+    g.add_argument("--stage-epochs", help="split (default: --epochs divided among the stages), full (every "
+                                          "stage runs --epochs), or epochs per stage such as 2,4")
+    g.add_argument("--stage-lr", choices=("restart", "continue"),
+                   help="restart (default): a fresh optimizer and LR schedule per stage; continue: one for the run")
+    g.add_argument("--stage-scales", choices=("reinit", "carry"),
+                   help="LSQ/SYQ scales at a stage change: reinit (default) from the weights, or carry over")
+    g = p.add_argument_group("stochastic precision (Zhuang et al.)")
+    g.add_argument("--stochastic-precision", type=float, metavar="P0",
+                   help="quantize a random fraction of the units each step, growing from P0 to 1")
+    g.add_argument("--sp-unit", choices=("layer", "block"), help="what is sampled (default layer)")
+    g.add_argument("--sp-weighting", choices=("uniform", "error"),
+                   help="uniform (default), or weighted by 1 / relative quantization error (Dong et al.)")
+    g.add_argument("--sp-reach", type=float, help="fraction of training at which every unit is quantized (0.5)")
+    g = p.add_argument_group("joint knowledge distillation (Zhuang et al.)")
+    g.add_argument("--distill", choices=("kl", "mse"), help="train a full-precision twin alongside")
+    g.add_argument("--distill-t", type=float, help="temperature T (default 1)")
+    g.add_argument("--distill-lt", type=float, help="twin's cross-entropy weight (default 1)")
+    g.add_argument("--distill-ls", type=float, help="low-precision cross-entropy weight (default 0.7)")
+    g.add_argument("--distill-ltl", type=float, help="twin's mimicry weight (default 0.5)")
+    g.add_argument("--distill-lsl", type=float, help="low-precision mimicry weight (default 0.7)")
+    g.add_argument("--twin", choices=("relu", "clip"),
+                   help="the twin's activation: relu (default, expcuda's FP network) or clip (the authors' [0, 1])")
+    g.add_argument("--twin-lr", type=float, help="the twin's learning rate (default --lr)")
+    g.add_argument("--teacher", metavar="RUN_DIR",
+                   help="a finished --full-precision run folder: a frozen teacher instead of a twin")
+
+
+METHOD_KEYS = ("nesterov", "progressive", "stage_epochs", "stage_lr", "stage_scales", "stochastic_precision",
+               "sp_unit", "sp_weighting", "sp_reach", "distill", "distill_t", "distill_lt", "distill_ls",
+               "distill_ltl", "distill_lsl", "twin", "twin_lr", "teacher")
+
+
 def overrides(ns: argparse.Namespace, skip=()) -> dict:
     """The flags given, as TrainConfig fields (None for the ones left to the preset)."""
     keys = ("model", "width", "w_quant", "w_bits", "a_quant", "a_bits", "scheme", "combine", "fp_ratio",
             "fp_activation", "expand_layers", "decay", "decay_steps", "decay_rate", "decay_threshold",
             "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "seed", "data_dir",
-            "limit_train", "limit_test", "out", "threads", "workers")
+            "limit_train", "limit_test", "out", "threads", "workers") + METHOD_KEYS
     values = {k: getattr(ns, k, None) for k in keys if k not in skip}
     if getattr(ns, "async_decay", None):
         values["async_decay"] = [s.strip() for s in ns.async_decay.split(",") if s.strip()]

@@ -67,6 +67,25 @@ class TrainConfig:
     threads: Optional[int] = None
     workers: int = 2
     sync_bn: bool = True  # DDP: BatchNorm statistics over the global batch (see expcuda.nn.sync_bn)
+    nesterov: bool = False  # SGD with Nesterov momentum (Zhuang et al.'s recipes)
+    # Zhuang et al. (expcuda.methods; checked by expcuda.train.methods.check)
+    progressive: Optional[str] = None  # "two-stage" or "bits:32,8,4,2"
+    stage_epochs: str = "split"  # split | full | "2,4": each stage's epochs
+    stage_lr: str = "restart"  # restart: a fresh optimizer and LR schedule per stage | continue
+    stage_scales: str = "reinit"  # LSQ/SYQ scales at a stage change: reinit | carry
+    stochastic_precision: Optional[float] = None  # P0, the quantized fraction at the start
+    sp_unit: str = "layer"
+    sp_weighting: str = "uniform"
+    sp_reach: float = 0.5  # the fraction of training after which every unit is quantized
+    distill: Optional[str] = None  # kl | mse: a full-precision twin trains alongside
+    distill_t: float = 1.0
+    distill_lt: float = 1.0
+    distill_ls: float = 0.7
+    distill_ltl: float = 0.5
+    distill_lsl: float = 0.7
+    twin: str = "relu"  # the twin's activation: relu (expcuda's FP network) | clip (the authors' [0, 1])
+    twin_lr: Optional[float] = None  # None: lr
+    teacher: Optional[str] = None  # a full-precision run folder: a frozen teacher instead of a twin
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
@@ -113,6 +132,8 @@ class TrainConfig:
         for steps in self.async_decay or ():
             self.decay_epochs(steps)
         self.model_config(10, 1)  # model options are checked by ModelConfig
+        from expcuda.train import methods
+        methods.check(self)
 
     def decay_epochs(self, spec) -> float:
         """A decay length in epochs from "N" (epochs), "0.3" or "30%" (a fraction of training)."""

@@ -17,13 +17,12 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from expcuda import models
 from expcuda.nn import sync_bn
-from expcuda.train import build, checkpoint, distributed, export, metrics, plots, preflight
+from expcuda.train import build, checkpoint, distributed, export, methods, metrics, plots, preflight
 from expcuda.train.atomic import write_text
 from expcuda.train.config import TrainConfig
 from expcuda.train.errors import Diverged, FolderBusy, RunFolderError
@@ -59,9 +58,11 @@ class Run:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.bundle.train)} training images make no full batch of {cfg.batch_size}; "
                              f"raise --limit-train or lower --batch-size")
+        self.methods = methods.RunMethods(self)  # Zhuang et al.'s, when asked for; a no-op otherwise
+        self.epochs = self.methods.total_epochs  # cfg.epochs, or more with --stage-epochs full
         self.optimizer = build.make_optimizer(cfg, self.model)
-        self.lr_scheduler = build.make_lr_scheduler(cfg, self.optimizer)
-        self.decay = build.make_decay(cfg, self.model, self.steps_per_epoch)
+        self.lr_scheduler = build.make_lr_scheduler(self.methods.lr_config(), self.optimizer)
+        self.decay = build.make_decay(self.methods.run_config(), self.model, self.steps_per_epoch)
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.partial = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, correct, images, data wait s, train s
         self.history: list[dict] = []
@@ -72,7 +73,9 @@ class Run:
         if d.enabled:  # f == 0 skips the FP branches: their parameters then get no gradient
             # a 1-input-channel conv's grad has size-1-dim strides DDP warns about, harmlessly
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            self.net = DistributedDataParallel(self.model, find_unused_parameters=self.decay is not None)
+            self.net = DistributedDataParallel(self.model, find_unused_parameters=self.decay is not None
+                                               or self.methods.unused_parameters())
+            self.methods.wrap(DistributedDataParallel)
         self.progress = Progress(d.main, cfg.progress)
 
     # ------------------------------------------------------------------ checkpoints
@@ -101,6 +104,7 @@ class Run:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "decay": self.decay.state_dict() if self.decay is not None else None,
+                "methods": self.methods.state_dict(),
                 "torch_rng": torch.get_rng_state()}
 
     def _restore(self, s: dict) -> None:
@@ -112,6 +116,8 @@ class Run:
         self.lr_scheduler.load_state_dict(s["lr_scheduler"])
         if self.decay is not None:
             self.decay.load_state_dict(s["decay"])
+        if "methods" in s:
+            self.methods.load_state_dict(s["methods"])
         self.epoch, self.batch, self.global_step = s["epoch"], s["batch"], s["global_step"]
         self.partial = list(s["partial"])  # global sums (each step's are all-reduced)
         self.history, self.step_loss = list(s["history"]), [tuple(v) for v in s["step_loss"]]
@@ -129,12 +135,13 @@ class Run:
             os.makedirs(cfg.out, exist_ok=True)
         self.progress.log(f"{cfg.preset}: {cfg.model} x{cfg.width} {self.model_cfg.mode} on {cfg.dataset} "
                           f"({len(self.bundle.train)} train / {len(self.bundle.test)} test images), "
-                          f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, global batch {cfg.batch_size}"
+                          f"{self.epochs} epochs x {self.steps_per_epoch} steps, global batch {cfg.batch_size}"
                           f"{f', {self.d.world} ranks' if self.d.enabled else ''} -> {cfg.out}")
         if self.history and self.d.main:  # resumed: the reports as of the checkpoint (trims any row ahead of it)
             self.write_reports()
         with StopRequest() as stop:
-            while self.epoch < cfg.epochs:
+            while self.epoch < self.epochs:
+                self.methods.begin_epoch()
                 self.train_epoch(stop)
                 self.end_epoch()
         return self.finish()
@@ -145,18 +152,15 @@ class Run:
         self.net.train()
         sums = self.partial
         shown, tick = self.batch, time.perf_counter()
-        self.progress.start(self.epoch, self.cfg.epochs, self.steps_per_epoch, self.batch)
+        self.progress.start(self.epoch, self.epochs, self.steps_per_epoch, self.batch)
         waited = time.perf_counter()
         for x, y in loader.iterate(self.batch):
             got = time.perf_counter()
             x, y = x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            logits, loss = self.methods.train_step(self.net, self.optimizer, x, y)
             if self.decay is not None:
                 self.decay.step()
+            self.methods.after_step()
             local = [loss.item() * y.numel(), (logits.argmax(1) == y).sum().item(), y.numel()]
             flag = float(stop.signum)
             step_sum = distributed.all_sum(self.d, local + [flag]) if self.d.enabled else local + [flag]
@@ -193,6 +197,7 @@ class Run:
                "images_per_s": sums[2] / max(train_s, 1e-9), "data_wait": sums[3] / max(sums[4], 1e-9)}
         # at f = 0 the expanded model is the LP one: one evaluation serves both columns
         row.update(evaluate_both(self.model, self.test_loader, self.d, self.decay is not None and row["f"] > 0))
+        row.update(self.methods.epoch_columns())
         if not all(math.isfinite(row[k]) for k in ("test_loss", "test_loss_lp")):
             raise Diverged(f"the test loss is {row['test_loss']} (LP alone {row['test_loss_lp']})", self.epoch + 1,
                            self.steps_per_epoch, self.ckpt_path)
@@ -207,9 +212,13 @@ class Run:
         with warnings.catch_warnings():  # resumed at an epoch's end: no optimizer.step() in this process yet
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.lr_scheduler.step()
+            self.methods.end_epoch_lr()
         self.epoch, self.batch, self.partial = self.epoch + 1, 0, [0.0] * 5
-        self.progress.log(epoch_line(row, self.cfg.epochs, self.decay is not None))
+        self.progress.log(epoch_line(row, self.epochs, self.decay is not None))
+        if self.methods.describe(row):
+            self.progress.log(self.methods.describe(row))
         self.save()  # first: the reports are never ahead of the checkpoint, even when a write fails
+        self.methods.stage_checkpoint(self.state)
         if self.d.main:
             self.write_reports()
 
@@ -224,7 +233,7 @@ class Run:
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
         cfg, last = self.cfg, self.history[-1]
-        summary = {"mode": self.model_cfg.mode, "epochs": cfg.epochs, "seed": cfg.seed,
+        summary = {"mode": self.model_cfg.mode, "epochs": self.epochs, "seed": cfg.seed,
                    "final_test_acc": last["test_acc_lp"], "final_test_top5": last["test_top5_lp"],
                    "final_test_acc_expanded": last["test_acc"], "best_test_acc": max(r["test_acc_lp"] for r in self.history),
                    "final_train_loss": last["train_loss"],
@@ -241,6 +250,7 @@ class Run:
             shipped_cfg = self.model_cfg.replace(mode="lp")
             summary["collapsed_test_acc"] = result["acc"]
             self.progress.log(f"collapsed: {result['acc']:.2f}% test accuracy, equal to the expanded model at f = 0")
+        self.methods.finish(summary)
         stem = "fp_model" if shipped_cfg.mode == "fp" else "lp_model"
         summary["parameters_shipped"] = sum(p.numel() for p in shipped.parameters())
         if self.d.main:

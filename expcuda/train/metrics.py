@@ -9,7 +9,9 @@ import json
 from expcuda.train.atomic import write_text
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_lp", "test_top5",
-           "test_top5_lp", "f", "lr", "images_per_s", "data_wait", "epoch_time")
+           "test_top5_lp", "f", "lr", "images_per_s", "data_wait", "epoch_time",
+           # Zhuang et al.'s methods (expcuda.train.methods), empty when not used
+           "stage", "sp_fraction", "twin_test_acc", "twin_test_loss")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
