@@ -57,27 +57,27 @@ KINDS = ["expanded-fused", "expanded-reference", "expanded-fold", "lp-block", "f
          "bare-two-convs", "bare-stacked-conv", "bare-one-conv"]
 
 
-def make_step(shape, kind, layout="nchw"):
-    """(the training step as a no-argument callable, the input whose gradient it fills)."""
+def make_step(shape, kind, layout="nchw", device="cpu", batch=BATCH):
+    """(the training step as a no-argument callable, the input whose gradient it fills), on ``device``."""
     c, hw = SHAPES[shape]
     fmt = LAYOUTS[layout]
-    x = torch.rand(BATCH, c, hw, hw).to(memory_format=fmt).requires_grad_(True)
-    grad = torch.randn(BATCH, c, hw, hw).to(memory_format=fmt)
+    x = torch.rand(batch, c, hw, hw, device=device).to(memory_format=fmt).requires_grad_(True)
+    grad = torch.randn(batch, c, hw, hw, device=device).to(memory_format=fmt)
     if kind == "bare-stacked-conv":  # the two convolutions as one, on stacked weights
-        w = torch.randn(2 * c, c, 3, 3, requires_grad=True)
-        grad2 = torch.randn(BATCH, 2 * c, hw, hw).to(memory_format=fmt)
+        w = torch.randn(2 * c, c, 3, 3, device=device, requires_grad=True)
+        grad2 = torch.randn(batch, 2 * c, hw, hw, device=device).to(memory_format=fmt)
 
         def run():
             F.conv2d(x, w, padding=1).backward(grad2)
     elif kind.startswith("bare"):
         n = 2 if kind == "bare-two-convs" else 1
-        ws = [torch.randn(c, c, 3, 3, requires_grad=True) for _ in range(n)]
+        ws = [torch.randn(c, c, 3, 3, device=device, requires_grad=True) for _ in range(n)]
 
         def run():
             ys = [F.conv2d(x, w, padding=1) for w in ws]
             torch.autograd.backward(ys, [grad] * n)
     else:
-        block = _block(kind, c)
+        block = _block(kind, c).to(device)
         reference = kind == "expanded-reference"
 
         def run():
