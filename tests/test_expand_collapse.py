@@ -152,3 +152,44 @@ def test_bad_layers():
         expand(TinyVGG(), layers=["nope"])
     with pytest.raises(ValueError, match="combine"):
         expand(TinyVGG(), combine="mul")
+
+
+def _hand_built_concat_pair():
+    from expcuda import ExpandedConv2d
+    torch.manual_seed(0)
+    first = ExpandedConv2d(4, 6, 3, padding=1, combine="concat", fp_ratio=0.5)
+    second = ExpandedConv2d(6 + first.fp_channels, 6, 3, padding=1, combine="concat", fp_ratio=0.5)
+    return nn.Sequential(first, second)
+
+
+@pytest.mark.parametrize("last_f", [0.0, None])
+def test_collapse_refuses_an_unlinked_concat_consumer_and_leaves_the_model_whole(last_f):
+    """A hand-built concat chain: refused at collapse time, naming the layer; nothing half-collapsed."""
+    model = _hand_built_concat_pair().eval()
+    for block in model:
+        block.set_f(0.0)
+    x = torch.randn(2, 4, 5, 5)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"concat block\(s\) 0(, 1)? .*widen_input"):
+        collapse(model)
+    assert [type(m).__name__ for m in model] == ["ExpandedConv2d", "ExpandedConv2d"]
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), before)
+
+
+def test_collapse_of_a_hand_linked_concat_consumer_is_exact():
+    """The remedy the refusal names: widen_input on the consumer, then collapse is exact."""
+    from expcuda import ExpandedConv2d
+    torch.manual_seed(0)
+    first = ExpandedConv2d(4, 6, 3, padding=1, combine="concat", fp_ratio=0.5)
+    second = ExpandedConv2d(6, 5, 3, padding=1, combine="add")
+    second.widen_input(first.fp_channels, first)
+    model = nn.Sequential(first, second).eval()
+    for block in model:
+        block.set_f(0.0)
+    x = torch.randn(2, 4, 5, 5)
+    before = model(x)
+    small = collapse(model)
+    assert torch.equal(small(x), before)

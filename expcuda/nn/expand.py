@@ -299,33 +299,60 @@ def collapse(model: nn.Module) -> nn.Module:
 
     Needs f == 0 everywhere; the layers that read a concat block's output
     lose their FP-channel weights, leaving exactly the original topology.
+    Everything is checked and every replacement built before the model is
+    touched, so a refused collapse leaves the model as it was.
     """
-    live = {n: float(m.f) for n, m in model.named_modules()
-            if isinstance(m, ExpandedConv2d) and m.expanded and not m.f_is_zero}
+    _check_collapsible(model)
+    plan = []  # (parent, key, replacement or None for a consumer that only drops its extra inputs)
+    for qual, parent in list(model.named_modules()):
+        for key, child in list(parent.named_children()):
+            if isinstance(child, ExpandedConv2d):
+                plan.append((parent, key, _plain_block(child)))
+            elif isinstance(child, ConcatInput):
+                plan.append((parent, key, child.layer))
+            elif isinstance(child, LowPrecisionConv2d) and child.in_extra:
+                plan.append((parent, key, None))
+    for parent, key, new in plan:
+        if new is None:
+            child = getattr(parent, key)
+            child.in_extra, child.lp_extra = 0, None
+            child.__dict__["_producer"] = None
+        else:
+            _set(parent, int(key) if isinstance(parent, nn.Sequential) else key, new)
+    return model
+
+
+def _check_collapsible(model: nn.Module) -> None:
+    """Refuse, naming the layers, a model that collapse cannot reduce exactly."""
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, ExpandedConv2d) and m.expanded}
+    live = {n: float(m.f) for n, m in blocks.items() if not m.f_is_zero}
     if live:
         listing = ", ".join(f"{n} (f={v:g})" for n, v in live.items())
         raise RuntimeError(f"collapse needs f == 0 in every expanded block; not yet at: {listing}. "
                            "Finish the decay (or call block.set_f(0)) first")
-    for qual, parent in list(model.named_modules()):
-        for key, child in list(parent.named_children()):
-            new = None
-            if isinstance(child, ExpandedConv2d):
-                new = LowPrecisionConv2d(**_geometry(child.lp_conv), w_quant=child.wq.kind,
-                                         w_bits=child.wq.bits, a_quant=child.aq.kind,
-                                         a_bits=child.aq.bits, pool=child.pool,
-                                         activation=child.aq.activation,
-                                         w_eta=getattr(child.wq, "eta", None),
-                                         w_granularity=getattr(child.wq, "granularity", "pixel"),
-                                         bn_eps=child.lp_bn.eps, bn_momentum=child.lp_bn.momentum)
-                ref = child.lp_conv.weight
-                new.to(device=ref.device, dtype=ref.dtype)
-                _copy_lp(new, child)
-                new.train(child.training)
-            elif isinstance(child, ConcatInput):
-                new = child.layer
-            elif isinstance(child, LowPrecisionConv2d) and child.in_extra:
-                child.in_extra, child.lp_extra = 0, None
-                child.__dict__["_producer"] = None
-            if new is not None:
-                _set(parent, int(key) if isinstance(parent, nn.Sequential) else key, new)
-    return model
+    linked = {id(m.__dict__.get("_producer")) for m in model.modules()
+              if isinstance(m, (LowPrecisionConv2d, ConcatInput))}
+    unlinked = [n for n, m in blocks.items() if m.combine == "concat" and id(m) not in linked]
+    if unlinked:
+        raise ValueError(
+            f"collapse: the concat block(s) {', '.join(unlinked)} feed their FP channels to a layer that "
+            "was not linked to them, so collapse cannot drop those channels' input weights exactly (the "
+            "layer would still expect them). Build the model with expcuda.expand, or give the next block "
+            "the producer's out_channels as in_channels and call "
+            "next_block.widen_input(producer.fp_channels, producer); the model was left unchanged")
+
+
+def _plain_block(child: ExpandedConv2d) -> LowPrecisionConv2d:
+    """The plain low-precision block equal to ``child`` at f == 0, with its weights."""
+    new = LowPrecisionConv2d(**_geometry(child.lp_conv), w_quant=child.wq.kind,
+                             w_bits=child.wq.bits, a_quant=child.aq.kind,
+                             a_bits=child.aq.bits, pool=child.pool,
+                             activation=child.aq.activation,
+                             w_eta=getattr(child.wq, "eta", None),
+                             w_granularity=getattr(child.wq, "granularity", "pixel"),
+                             bn_eps=child.lp_bn.eps, bn_momentum=child.lp_bn.momentum)
+    ref = child.lp_conv.weight
+    new.to(device=ref.device, dtype=ref.dtype)
+    _copy_lp(new, child)
+    new.train(child.training)
+    return new
