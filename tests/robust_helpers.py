@@ -42,7 +42,7 @@ def tiny_flags(data_dir, out, *extra) -> list[str]:
 
 def tiny_config(data_dir, out, **changes) -> TrainConfig:
     values = dict(data_dir=str(data_dir), out=str(out), width=0.125, batch_size=32, epochs=1, threads=1,
-                  progress=False, decay_steps="50%")
+                  progress=False)
     return TrainConfig.from_preset("fmnist", **{**values, **changes})
 
 

@@ -38,11 +38,9 @@ def atomic_path(path: str, write_errors: tuple = ()):
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=SUFFIX, dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~umask())
-        finally:
-            os.close(fd)
+        os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # after: a writer may have replaced tmp by its own 0600 file
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
@@ -68,7 +66,9 @@ def write_text(path: str, text: str) -> None:
 def clean_leftovers(folder: str) -> list[str]:
     """Remove the temp files of interrupted atomic writes in ``folder`` (call it holding the folder's lock)."""
     removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".*{SUFFIX}")):
+    here = glob.escape(folder)
+    # ours, and safetensors' own (``.tmpXXXXXX``, renamed onto ours when it completes)
+    for tmp in glob.glob(os.path.join(here, f".*{SUFFIX}")) + glob.glob(os.path.join(here, ".tmp*")):
         if os.path.isfile(tmp) and not os.path.islink(tmp):
             os.remove(tmp)
             removed.append(tmp)

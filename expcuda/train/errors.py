@@ -38,14 +38,16 @@ class FolderBusy(RuntimeError):
 class WriteError(RuntimeError):
     """Writing a file of the run folder failed; the file it would have replaced is unchanged."""
 
-    def __init__(self, path: str, cause: BaseException):
+    def __init__(self, path: str, cause: BaseException, kept: str | None = None):
         self.path, self.cause = path, cause
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(cause).__name__}: {cause}"
-        free = free_bytes(os.path.dirname(os.path.abspath(path)))
+        free = free_bytes(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
         space = f", {free} bytes free there" if free is not None else ""
-        super().__init__(f"cannot write {path} ({reason}{space}); the previous {os.path.basename(path)}, "
-                         f"if any, is unchanged. Free some space (or fix the file system), then run again "
-                         f"with --resume")
+        if not isinstance(cause, OSError) and free is not None and free < 2**20:  # e.g. torch.save's own errors
+            reason = f"No space left on device, it seems: {reason}"
+        kept = kept or f"the previous {os.path.basename(path)}, if any, is unchanged"
+        super().__init__(f"cannot write {path} ({reason}{space}); {kept}. Free some space (or fix the file "
+                         f"system), then run again (with --resume if a checkpoint is there)")
 
 
 class Diverged(RuntimeError):

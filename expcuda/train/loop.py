@@ -25,7 +25,7 @@ from expcuda.nn import sync_bn
 from expcuda.train import build, checkpoint, distributed, export, methods, metrics, plots, preflight
 from expcuda.train.atomic import write_text
 from expcuda.train.config import TrainConfig
-from expcuda.train.errors import Diverged, FolderBusy, RunFolderError
+from expcuda.train.errors import Diverged, FolderBusy, RunFolderError, WriteError
 from expcuda.train.evaluate import evaluate_both
 from expcuda.train.progress import Progress, epoch_line
 from expcuda.train.stop import Interrupted, StopRequest
@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         if d.main:  # the folder is checked and locked before anything is loaded or written
             try:
                 held = preflight.open_run_folder(cfg.out, "expcuda train")
-            except (RunFolderError, FolderBusy) as exc:
+            except (RunFolderError, FolderBusy, WriteError) as exc:
                 refused = exc
         if distributed.any_rank(d, refused is not None):
             raise refused or FolderBusy(f"{cfg.out}: rank 0 could not take the run folder")

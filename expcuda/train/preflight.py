@@ -8,13 +8,14 @@ model has.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
 from torch import nn
 
 from expcuda.train import atomic
-from expcuda.train.errors import RunFolderError
+from expcuda.train.errors import RunFolderError, WriteError
 from expcuda.train.lock import FolderLock
 
 
@@ -34,6 +35,8 @@ def writable_folder(folder: str, flag: str = "--out") -> None:
             os.close(fd)
             os.remove(probe)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the folder is fine, the disk is full: an I/O fault
+            raise WriteError(folder, exc, kept="nothing was trained or changed") from None
         raise RunFolderError(f"{flag} {folder} is not writable ({exc.strerror or exc})") from None
 
 
