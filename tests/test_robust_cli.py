@@ -18,6 +18,7 @@ BAD_FLAGS = [
     (["--limit-train", "-5"], "--limit-train"), (["--limit-test", "-1"], "--limit-test"),
     (["--limit-train", "0"], "--limit-train"), (["--workers", "-1"], "--workers"),
     (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "-0.1"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--lr", "1e300"], "--lr"),
     (["--momentum", "nan"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--w-quant", "xnor", "--w-bits", "2"], "--w-bits"), (["--w-quant", "xnor", "--w-bits", "4"], "--w-bits"),
     (["--a-quant", "sign", "--a-bits", "4"], "--a-bits"), (["--a-quant", "sign", "--a-bits", "2"], "--a-bits"),

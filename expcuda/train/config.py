@@ -12,6 +12,7 @@ from expcuda.train.presets import PRESETS
 
 # Fields that may differ between a run and its resumption: where things are, not what is trained.
 NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
+FLOAT32_MAX = 3.4028234663852886e38
 #: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
 FIXED_BITS = {"xnor": 1, "sign": 1, "none": 32}
 FIXED_BITS_WHY = {"xnor": "XNOR weights are binary", "sign": "sign activations are binary",
@@ -114,8 +115,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be a positive int (or left out), got {value!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"--workers must be an int >= 0, got {self.workers!r}")
-        if not _finite(self.lr) or not self.lr > 0:
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        if not _finite(self.lr) or not 0 < self.lr <= FLOAT32_MAX:  # the optimizers scale float32 by it
+            raise ValueError(f"--lr must be a finite number > 0 (at most {FLOAT32_MAX:.4g}), got {self.lr!r}")
         for name in ("momentum", "weight_decay"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {getattr(self, name)!r}")
