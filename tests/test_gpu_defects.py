@@ -8,11 +8,13 @@ the device a launch runs on); the GPU-only checks skip with the reason.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
 from unittest import mock
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from expcuda import backends
 from tests import triton_ops
@@ -164,3 +166,106 @@ def test_group_sums_over_many_groups_and_chunks_match_the_reference():
     g = torch.randn(3, 2500, generator=gen).to(DEVICE)
     assert torch.equal(T.xnor_weight_fwd(w), R.xnor_weight_fwd(w))
     assert torch.equal(T.xnor_weight_bwd(g, w), R.xnor_weight_bwd(g, w))
+
+
+# --------------------------------------------------------------------------- 11: empty weights
+
+_EMPTY_XNOR = """
+import torch, expcuda._C  # noqa: F401
+w = torch.empty(0, 3, device={device!r})
+assert torch.ops.expcuda_C.xnor_weight_fwd(w).shape == (0, 3)
+assert torch.ops.expcuda_C.xnor_weight_bwd(w, w).shape == (0, 3)
+"""
+
+
+def _compiled_has(kernel_device: str) -> bool:
+    from expcuda import _ext
+    return _ext.REASON is None and _ext.has_kernel("xnor_weight_fwd", kernel_device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_compiled_xnor_kernels_take_an_empty_weight(device):
+    """Through torch.ops.expcuda_C (the public API returns before): no division by zero rows,
+    which kills the process (SIGFPE), hence the subprocess."""
+    if not _compiled_has(device.upper()):
+        pytest.skip(f"expcuda._C has no {device} XNOR kernel")
+    proc = subprocess.run([sys.executable, "-c", _EMPTY_XNOR.format(device=device)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 2, 3, 3)])
+def test_triton_xnor_takes_an_empty_weight(shape):
+    T, _ = _modules()
+    w = torch.empty(shape, device=DEVICE)
+    assert T.xnor_weight_fwd(w).shape == shape
+    assert T.xnor_weight_bwd(w, w).shape == shape
+
+
+# --------------------------------------------------------------------------- 6: fused epilogue
+
+def _epilogue_inputs(channels, c_lp, combine, shape, dtype, cl, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    z = torch.randn(shape[0], channels, *shape[1:], generator=gen).to(dtype)
+    c_out = channels if combine == "concat" or channels == c_lp else c_lp
+    grad = torch.randn(shape[0], c_out, *shape[1:], generator=gen).to(dtype)
+    w = torch.rand(channels, generator=gen) + 0.5
+    b = torch.randn(channels, generator=gen)
+    z, grad = z.to(DEVICE).to(memory_format=fmt), grad.to(DEVICE).to(memory_format=fmt)
+    return z, grad, w.to(DEVICE), b.to(DEVICE), torch.full((), 0.4, device=DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", triton_ops.EPILOGUES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_triton_epilogue_matches_the_pytorch_kernels(config):
+    """Statistics, forward and the fused backward against epilogue_{fwd,bwd}_torch, over more
+    than one chunk per channel (27 * 48 = 1296 elements, chunks of 1024)."""
+    from expcuda.nn import epilogue
+    _, E = _modules()
+    *args, channels, cl = config
+    z, grad, w, b, f = _epilogue_inputs(channels, args[0], args[3], (1, 27, 48), torch.float32, cl)
+    step = torch.full((), 0.3, device=DEVICE) if args[4] == "lsq" else None
+    got = E.forward(z, w, b, f, step, *args)
+    want = epilogue.epilogue_fwd_torch(z, w, b, f, step, *args)
+    assert got[0].stride() == want[0].contiguous(memory_format=epilogue.layout(z)).stride()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    got = E.backward(grad, z, w, b, f, step, want[1], want[2], *args)
+    want = epilogue.epilogue_bwd_torch(grad, z, w, b, f, step, want[1], want[2], *args)
+    assert got[0].is_contiguous(memory_format=epilogue.layout(z))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+class _Float32Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that produce a float32/float64 tensor of at least ``numel`` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.dtype in (torch.float32, torch.float64) \
+                    and o.numel() >= self.numel:
+                self.ops.append(str(func))
+        return out
+
+
+@needs_triton
+@pytest.mark.parametrize("args", [(3, 1e-5, 2, "add", "dorefa", 2, "clip", "relu"),
+                                  (3, 1e-5, 1, "concat", "lsq", 2, "relu", "identity")])
+def test_half_epilogue_makes_no_float32_copy_of_z(args):
+    """No z-sized float32 buffer (a copy of z for var_mean, dy, LSQ's terms, xhat, ...) in the
+    forward or backward of a float16 z: per element only z, the gradient and the results."""
+    _, E = _modules()
+    z, grad, w, b, f = _epilogue_inputs(6, args[0], args[3], (2, 4, 4), torch.float16, False)
+    step = torch.full((), 0.3, device=DEVICE) if args[4] == "lsq" else None
+    with _Float32Allocations(z.numel() // 2) as fwd:
+        _, mean, var = E.forward(z, w, b, f, step, *args)
+    with _Float32Allocations(z.numel() // 2) as bwd:
+        E.backward(grad, z, w, b, f, step, mean, var, *args)
+    assert fwd.ops == [] and bwd.ops == [], (fwd.ops, bwd.ops)

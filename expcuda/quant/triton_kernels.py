@@ -51,6 +51,8 @@ _LAUNCH = {"enable_fp_fusion": False}   # no FMA contraction (see the docstring)
 def launch(kernel, grid, *args, **meta):
     """Every Triton launch of expcuda: ``kernel[grid](*args, **meta)`` without FMA contraction,
     on the GPU of its first tensor argument (Triton itself launches on the current device)."""
+    if math.prod(grid) == 0:
+        return  # an empty tensor: nothing to launch
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **meta, **_LAUNCH)
@@ -428,9 +430,10 @@ def dorefa_weight_bwd(grad, w, bits):
 # --------------------------------------------------------------------------- XNOR weights
 
 def _filters(w) -> tuple[int, int]:
-    """(number of output filters, elements per filter) for a contiguous weight."""
+    """(number of output filters, elements per filter) for a contiguous weight; (1, n) for an
+    empty one, so that nothing divides by zero rows."""
     n = math.prod(w.shape[1:])
-    return (w.shape[0] if w.dim() >= 2 else 1), n
+    return (w.shape[0] if w.dim() >= 2 and w.numel() else 1), n
 
 
 def _xnor_alpha(w) -> torch.Tensor:
