@@ -11,7 +11,7 @@ USAGE = """expcuda <command> [flags]
 
 commands:
   train     train one network (EXP-Net by default; --baseline, --full-precision)
-  compare   train the baseline and EXP-Net (and --full-precision) with the same seeds, print the table
+  compare   train training methods (baseline, EXP-Net, Zhuang et al.'s) with the same seeds, print the table
 
 'expcuda <command> --help' lists the flags."""
 
@@ -25,6 +25,10 @@ def compare_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p, modes=False)
     p.add_argument("--seeds", type=int, default=2, help="seeds per network, from --seed on (default 2)")
+    p.add_argument("--methods", help="comma list of baseline, exp, fp, distill, two-stage, staircase, sp, or "
+                                     "combinations such as exp+distill (default: baseline,exp; the fmnist "
+                                     "preset: all of them); --distill, --progressive bits:..., "
+                                     "--stochastic-precision set their kind, staircase and P0")
     p.add_argument("--full-precision", action="store_true", help="also train the full-precision network")
     return p
 
@@ -39,14 +43,18 @@ def main_compare(argv) -> int:
     values = overrides(ns)
     values.pop("resume", None)
     values["out"] = values.get("out") or f"runs/compare-{ns.preset}"
+    from expcuda.train.compare import KNOBS
+    knobs = {k: values.pop(k, None) for k in KNOBS}  # each method's own settings, not the baseline's
     start = time.time()
     try:
         base = TrainConfig.from_preset(ns.preset, **values)
         if ns.seeds <= 0:
             raise ValueError(f"--seeds must be positive, got {ns.seeds}")
+        names = ns.methods or compare.preset_methods(ns.preset)
+        methods = compare.method_configs(base, names + (",fp" if ns.full_precision else ""), knobs)
         with preflight.open_run_folder(base.out, "expcuda compare"):  # one compare per folder at a time
-            results = compare.run_all(base, ns.seeds, ns.full_precision)
-            text = compare.report(base, results, ns.seeds, "expcuda compare " + shlex.join(argv),
+            results = compare.run_all(base, methods, ns.seeds)
+            text = compare.report(base, methods, results, ns.seeds, "expcuda compare " + shlex.join(argv),
                                   time.time() - start)
     except Interrupted as exc:
         print(f"\n{exc}; run the same compare command again to continue", file=sys.stderr)

@@ -121,7 +121,7 @@ def overrides(ns: argparse.Namespace, skip=()) -> dict:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = overrides(ns)
-    mode = values.get("mode", "exp")
+    mode = values.get("mode") or PRESETS[ns.preset].get("mode", "exp")
     if values.get("out") is None:
         values["out"] = f"runs/{ns.preset}-{mode}"
     return TrainConfig.from_preset(ns.preset, **values)

@@ -34,5 +34,22 @@ PRESETS = {
     "fmnist": dict(dataset="fmnist", model="svhn_net", width=0.25, optimizer="adam", lr=1e-3, momentum=0.0,
                    weight_decay=0.0, epochs=5, batch_size=128, milestones=(0.5,), lr_factor=0.2,
                    decay="cosine", decay_steps="40%"),
+    # Zhuang et al.'s CIFAR-100 setting (their released code): PreResNet-20, W/A 2/2 (or 4/4 by flag),
+    # 200 epochs, batch 128, SGD Nesterov momentum 0.9, lr 0.1 for both models, x0.1 at 80 and 120,
+    # weight decay 1e-4, a full-precision twin with KL, T = 1, lt 1, ls 0.7, ltl 0.5, lsl 0.7.
+    "cifar100-zhuang": dict(dataset="cifar100", model="preresnet20", width=1.0, mode="lp", w_bits=2, a_bits=2,
+                            optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, epochs=200,
+                            batch_size=128, milestones=(0.4, 0.6), lr_factor=0.1, distill="kl",
+                            decay="cosine", decay_steps="25%"),
+    # Their ImageNet ResNet-18 W4/A4 setting: 30 epochs, batch 256, SGD Nesterov, lr 0.005 for the
+    # quantized model and 0.001 for the full-precision twin, x0.1 at 15 and 25; weight decay 1e-4 is our
+    # choice. They start both models from pretrained weights, which expcuda does not load (yet).
+    "imagenet-zhuang": dict(dataset="imagenet", model="resnet18", width=1.0, mode="lp", w_bits=4, a_bits=4,
+                            optimizer="sgd", lr=0.005, twin_lr=0.001, momentum=0.9, nesterov=True,
+                            weight_decay=1e-4, epochs=30, batch_size=256, milestones=(0.5, 25 / 30),
+                            lr_factor=0.1, distill="kl", decay="cosine", decay_steps="25%"),
 }
 NAMES = tuple(PRESETS)
+
+#: what ``expcuda compare --preset P`` trains without --methods (the others: baseline,exp)
+COMPARE_METHODS = {"fmnist": "baseline,exp,distill,exp+distill,two-stage,staircase,sp"}
