@@ -67,10 +67,11 @@ def sizes(dry: bool) -> dict:
     """What each step runs on: the GPU's sizes, or tiny ones for the dry run."""
     if dry:
         return dict(numel=1 << 16, reps=3, bench_time="0.01", block_shapes=("svhn-0.25x",), block_layouts=("nchw",),
-                    batch=8, rounds=2, train_steps=4, train_warmup=1, tests_k="test_sign_activation or test_packed_mask")
+                    batch=8, rounds=2, train_steps=3, train_warmup=1, tests_paths=["tests/test_quant.py"],
+                    tests_k="test_sign_activation or test_packed_mask")
     return dict(numel=64 << 20, reps=20, bench_time="0.1", block_shapes=("svhn-0.25x", "svhn-1x"),
                 block_layouts=("nchw", "channels_last"), batch=128, rounds=20, train_steps=60, train_warmup=10,
-                tests_k=None)
+                tests_paths=[], tests_k=None)
 
 
 # --------------------------------------------------------------------------- helpers (no torch needed)
@@ -190,7 +191,8 @@ def result(status: str, summary: str, md: str = "", **data) -> dict:
 
 def step_environment(ctx, log) -> dict:
     import torch
-    rc, info = capture([sys.executable, "-m", "expcuda.info"])
+    from expcuda import info
+    lines = info.lines()
     nvcc_rc, nvcc = capture(["nvcc", "--version"])
     nvcc_line = nvcc.strip().splitlines()[-1] if nvcc_rc == 0 and nvcc.strip() else f"not found ({nvcc.strip()[:80]})"
     data = dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda, nvcc=nvcc_line,
@@ -211,9 +213,9 @@ def step_environment(ctx, log) -> dict:
     else:
         data.update(gpu=None, peak_bandwidth_gbs=None, peak_source="no GPU (dry run)")
         what = "no GPU: dry run on the CPU"
-    md = "\n".join(f"- {k}: {v}" for k, v in data.items()) + "\n\n```\n" + info.strip() + "\n```"
+    md = "\n".join(f"- {k}: {v}" for k, v in data.items()) + "\n\n```\n" + "\n".join(lines) + "\n```"
     summary = f"{what}; torch {torch.__version__}, triton {data['triton']}, {nvcc_line}"
-    return result("ok" if rc == 0 else "failed", summary, md, **data)
+    return result("ok", summary, md, backends=lines, **data)
 
 
 def step_build(ctx, log) -> dict:
@@ -279,7 +281,8 @@ def step_selftest(ctx, log) -> dict:
 def step_tests(ctx, log) -> dict:
     import importlib.util
     junit = os.path.join(ctx["raw"], "junit.xml")
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda or triton", "-rfEs", f"--junitxml={junit}"]
+    cmd = [sys.executable, "-m", "pytest", *ctx["sizes"]["tests_paths"], "-m", "cuda or triton", "-rfEs",
+           f"--junitxml={junit}"]
     if ctx["sizes"]["tests_k"]:
         cmd += ["-k", ctx["sizes"]["tests_k"]]
     if not ctx["dry"] and importlib.util.find_spec("xdist") is not None:
@@ -379,7 +382,7 @@ def step_quant_bench(ctx, log) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import ratios
     raw = os.path.join(ctx["raw"], "quant_bench.json")
-    select = ("test_lsq and not triton and not cuda" if ctx["dry"]
+    select = ("test_lsq and (cpu or torch_ or floor)" if ctx["dry"]
               else "not cpu and not backward_only")
     cmd = [sys.executable, "-m", "pytest", "benchmarks/benchmark_quant.py", "-k", select, f"--benchmark-json={raw}",
            "--benchmark-min-rounds=3", f"--benchmark-max-time={ctx['sizes']['bench_time']}", "-q"]
@@ -588,8 +591,8 @@ def run_step(step: Step, timeout: float, ctx: dict, scratch: str, log_path: str)
     res_path = os.path.join(scratch, step.name + ".json")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    if ctx["dry"] and step.name in ("selftest", "tests"):
-        env["TRITON_INTERPRET"] = "1"  # the dry run checks the Triton kernels in the interpreter
+    if ctx["dry"] and step.name == "tests":
+        env["TRITON_INTERPRET"] = "1"  # the dry run runs its Triton tests in the interpreter
     cmd = [sys.executable, os.path.abspath(__file__), "--child", step.name, "--ctx", json.dumps(ctx),
            "--result", res_path]
     t0 = time.perf_counter()
