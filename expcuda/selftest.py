@@ -245,7 +245,9 @@ def check_epilogue(backend: str, dtypes=(torch.float32, torch.bfloat16)) -> Resu
     for case in EPILOGUE_CASES:
         for dtype in dtypes:
             for channels_last in ((False, True) if kernel in ("cpp", "triton") else (False,)):
-                args = epilogue_args(case, dtype, device, channels_last)
+                # the shapes of the kernel tests: float16/bfloat16 allow a few more rounding flips on a larger z
+                shape = (3, 6, 5, 7) if dtype == torch.float32 else (4, 6, 8, 8)
+                args = epilogue_args(case, dtype, device, channels_last, shape)
                 label = (f"scheme={case[0]} {case[1]} {case[2]}{case[3]} {str(dtype).replace('torch.', '')}"
                          + (" channels_last" if channels_last else ""))
                 for ratio, what in _epilogue_errors(kernel, args, dtype):
