@@ -19,15 +19,16 @@ commands:
 def compare_parser() -> argparse.ArgumentParser:
     from expcuda.train.args import add_train_flags
     from expcuda.train.errors import EXIT_CODES_HELP
-    p = argparse.ArgumentParser(prog="expcuda compare", description="Baseline vs EXP-Net (vs full precision) "
-                                "with the same seeds: mean ± std of the final test accuracy, the difference, "
-                                "epoch time; one run folder each, comparison.md and curves.png.",
+    p = argparse.ArgumentParser(prog="expcuda compare", description="Training methods side by side "
+                                "with the same seeds: mean ± std of the final test accuracy, the paired "
+                                "difference to the baseline with its 95%% interval, wall time and images/s; one "
+                                "run folder each, comparison.md, comparison.csv and curves.png.",
                                 epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p, modes=False)
-    p.add_argument("--seeds", type=int, default=2, help="seeds per network, from --seed on (default 2)")
+    p.add_argument("--seeds", type=int, help="seeds per network, from --seed on (default 2; the fmnist preset 3)")
     p.add_argument("--methods", help="comma list of baseline, exp, fp, distill, two-stage, staircase, sp, or "
                                      "combinations such as exp+distill (default: baseline,exp; the fmnist "
-                                     "preset: all of them); --distill, --progressive bits:..., "
+                                     "preset: all but fp); --distill, --progressive bits:..., "
                                      "--stochastic-precision set their kind, staircase and P0")
     p.add_argument("--full-precision", action="store_true", help="also train the full-precision network")
     return p
@@ -43,6 +44,11 @@ def main_compare(argv) -> int:
     values = overrides(ns)
     values.pop("resume", None)
     values["out"] = values.get("out") or f"runs/compare-{ns.preset}"
+    defaults = compare.preset_defaults(ns.preset)  # the main job's settings, for the flags not given
+    for key, value in defaults.items():
+        if key not in ("methods", "seeds") and values.get(key) is None:
+            values[key] = value
+    ns.seeds = defaults["seeds"] if ns.seeds is None else ns.seeds
     from expcuda.train.compare import KNOBS
     knobs = {k: values.pop(k, None) for k in KNOBS}  # each method's own settings, not the baseline's
     start = time.time()
@@ -50,7 +56,7 @@ def main_compare(argv) -> int:
         base = TrainConfig.from_preset(ns.preset, **values)
         if ns.seeds <= 0:
             raise ValueError(f"--seeds must be positive, got {ns.seeds}")
-        names = ns.methods or compare.preset_methods(ns.preset)
+        names = ns.methods or defaults["methods"]
         methods = compare.method_configs(base, names + (",fp" if ns.full_precision else ""), knobs)
         with preflight.open_run_folder(base.out, "expcuda compare"):  # one compare per folder at a time
             results = compare.run_all(base, methods, ns.seeds)

@@ -285,7 +285,7 @@ def describe(cfg: TrainConfig) -> str:
     return ", ".join(parts) or ("the full-precision network" if cfg.mode == "fp" else "the plain network")
 
 
-def preset_methods(preset: str) -> str:
-    """The methods ``expcuda compare`` trains when --methods is not given."""
-    from expcuda.train.presets import COMPARE_METHODS
-    return COMPARE_METHODS.get(preset, DEFAULT_METHODS)
+def preset_defaults(preset: str) -> dict:
+    """What ``expcuda compare --preset P`` uses for the flags not given: methods, seeds, run settings."""
+    from expcuda.train.presets import COMPARE_DEFAULTS
+    return {"methods": DEFAULT_METHODS, "seeds": 2, **COMPARE_DEFAULTS.get(preset, {})}

@@ -51,5 +51,7 @@ PRESETS = {
 }
 NAMES = tuple(PRESETS)
 
-#: what ``expcuda compare --preset P`` trains without --methods (the others: baseline,exp)
-COMPARE_METHODS = {"fmnist": "baseline,exp,distill,exp+distill,two-stage,staircase,sp"}
+#: what ``expcuda compare --preset P`` uses for the flags not given (``methods`` and ``seeds`` included;
+#: elsewhere: baseline,exp and 2 seeds). fmnist: the main job, see the README's "Zhuang et al." section.
+COMPARE_DEFAULTS = {"fmnist": dict(methods="baseline,exp,distill,exp+distill,two-stage,staircase,sp", seeds=3,
+                                   width=0.125, w_bits=2, a_bits=1, epochs=4, limit_train=30000)}
