@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -298,6 +297,8 @@ def step_tests(ctx, log) -> dict:
                f"{c['tests']} in {c['seconds']} s (rc {rc})")
     if ctx["dry"]:
         summary = f"dry run, the subset -k '{ctx['sizes']['tests_k']}': " + summary
+    elif c["skipped"]:
+        summary += "; skipped although a GPU is visible: their reasons are in the log (-rs)"
     md = f"`python {shlex.join(cmd[1:])}`\n\n" + "".join(f"- {f}\n" for f in c["failed"][:40])
     status = "ok" if rc == 0 and c["failures"] == 0 and c["errors"] == 0 and c["tests"] > 0 else "failed"
     return result(status, summary, md, passed=passed, **c)
