@@ -92,7 +92,7 @@ def finished(tmp_path_factory):
     return data, root / "run"
 
 
-@pytest.mark.parametrize("key", ["lr_scheduler", "history", "model", "torch_rng", "world"])
+@pytest.mark.parametrize("key", ["lr_scheduler", "history", "step_loss", "torch_rng", "world"])
 def test_a_checkpoint_lacking_a_key_is_refused_by_name_and_kept(finished, tmp_path, capsys, key):
     data, run = finished
     out = tmp_path / "run"

@@ -122,7 +122,7 @@ def test_temp_files_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
     assert (out / "notes.tmp").read_text() == "the user's"
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o027])
 def test_every_file_of_the_run_folder_honours_the_umask(tmp_path, mask):
     data = fmnist_folder(tmp_path / "data")
     out = tmp_path / "run"

@@ -101,9 +101,3 @@ def test_train_in_process_on_a_busy_folder_is_refused(held, tmp_path, capsys):
     assert f"process {proc.pid}" in error_line(capsys.readouterr().err)
     assert sorted(os.listdir(folder)) == [NAME]
 
-
-def test_the_lock_is_released_when_the_run_ends(tmp_path):
-    data = fmnist_folder(tmp_path / "data")
-    assert main_train(tiny_flags(data, tmp_path / "run", "--baseline")) == 0
-    with FolderLock(str(tmp_path / "run"), "next"):
-        pass

@@ -28,7 +28,7 @@ def writable_folder(folder: str, flag: str = "--out") -> None:
     except OSError as exc:
         raise RunFolderError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc})") from None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=atomic.SUFFIX, dir=folder)  # a leftover is cleaned
         try:
             os.write(fd, b"probe")
         finally:
