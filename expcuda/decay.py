@@ -15,7 +15,9 @@ from typing import Callable, Mapping, Optional, Union
 
 from torch import nn
 
-__all__ = ["cosine", "exponential", "Cosine", "Exponential", "DecayScheduler"]
+__all__ = ["cosine", "exponential", "Cosine", "Exponential", "DecayScheduler", "SCHEDULES"]
+
+SCHEDULES = ("cosine", "exponential")  # the decay functions by name (the CLI's --decay)
 
 
 def _check_steps(step, decay_steps) -> None:

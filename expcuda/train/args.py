@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from expcuda import models
-from expcuda.train.config import TrainConfig
+from expcuda import decay, models
+from expcuda.nn import block, quantizers
+from expcuda.train.config import OPTIMIZERS, TrainConfig
 from expcuda.train.errors import EXIT_CODES_HELP
 from expcuda.train.presets import PRESETS
 
@@ -19,27 +20,27 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=models.ARCHS)
     g.add_argument("--width", type=float, help="channel multiplier (the paper's 1, 0.5, 0.25, 0.125)")
-    g.add_argument("--w-quant", choices=("dorefa", "xnor", "syq", "lsq"))
+    g.add_argument("--w-quant", choices=quantizers.W_QUANTS)
     g.add_argument("--w-bits", type=int)
-    g.add_argument("--a-quant", choices=("dorefa", "sign", "lsq", "none"))
+    g.add_argument("--a-quant", choices=quantizers.A_QUANTS)
     g.add_argument("--a-bits", type=int)
-    g.add_argument("--scheme", type=int, choices=(1, 2))
-    g.add_argument("--combine", choices=("add", "sub", "concat"))
+    g.add_argument("--scheme", type=int, choices=block.SCHEMES)
+    g.add_argument("--combine", choices=block.COMBINES)
     g.add_argument("--fp-ratio", type=float, help="FP branch width / out_channels (concat only; Cat*x = 1/x)")
-    g.add_argument("--fp-activation", choices=("none", "relu", "clip"))
+    g.add_argument("--fp-activation", choices=[a for a in quantizers.FP_ACTIVATIONS if a is not None])
     g.add_argument("--expand-layers", help="LP layers to expand, from 1: 'all', '456', '10,11,12'")
     if modes:
         mode = g.add_mutually_exclusive_group()
         mode.add_argument("--baseline", action="store_true", help="train the plain low-precision network")
         mode.add_argument("--full-precision", action="store_true", help="train the full-precision network")
     g = p.add_argument_group("decay of f")
-    g.add_argument("--decay", choices=("cosine", "exponential"))
+    g.add_argument("--decay", choices=decay.SCHEDULES)
     g.add_argument("--decay-steps", help=DECAY_HELP)
     g.add_argument("--decay-rate", type=float, help="exponential decay's rate (default 0.5)")
     g.add_argument("--decay-threshold", type=float, help="exponential decay: f below this becomes 0 (0.001)")
     g.add_argument("--async-decay", help="comma list of decay lengths for the last expanded layers, e.g. 30,50,80")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adam", "sgd"))
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)

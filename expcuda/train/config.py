@@ -7,8 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from expcuda import decay as decay_schedules
+from expcuda._checks import choice as check_choice
 from expcuda.models import ModelConfig
 from expcuda.train.presets import PRESETS
+
+OPTIMIZERS = ("adam", "sgd")
 
 # Fields that may differ between a run and its resumption: where things are, not what is trained.
 NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
@@ -105,10 +109,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.decay not in ("cosine", "exponential"):
-            raise ValueError(f"decay must be 'cosine' or 'exponential', got {self.decay!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("decay", self.decay, decay_schedules.SCHEDULES)
         for name in ("limit_train", "limit_test", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
