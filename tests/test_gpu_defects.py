@@ -12,6 +12,7 @@ import subprocess
 import sys
 from unittest import mock
 
+import numpy
 import pytest
 import torch
 import torch.utils._python_dispatch
@@ -269,3 +270,53 @@ def test_half_epilogue_makes_no_float32_copy_of_z(args):
     with _Float32Allocations(z.numel() // 2) as bwd:
         E.backward(grad, z, w, b, f, step, mean, var, *args)
     assert fwd.ops == [] and bwd.ops == [], (fwd.ops, bwd.ops)
+
+
+# --------------------------------------------------------------------------- 7: one invstd
+
+def _ieee_invstd(var, eps):
+    """float32 1 / sqrt(var + eps), every step IEEE-rounded (numpy's float32 sqrt and division)."""
+    v = var.cpu().numpy().astype(numpy.float32) + numpy.float32(eps)
+    return torch.from_numpy(numpy.float32(1.0) / numpy.sqrt(v))
+
+
+def _hard_variances(device, n=64, eps=1e-5):
+    """n variances where one of ATen's two spellings of invstd on ``device``, rsqrt(var + eps)
+    or sqrt(var + eps).reciprocal(), is not the IEEE 1 / sqrt(var + eps)."""
+    var = (torch.rand(200_000, generator=torch.Generator().manual_seed(7)) * 4).to(device)
+    want = _ieee_invstd(var, eps).to(device)
+    off = (torch.rsqrt(var + eps) != want) | (torch.sqrt(var + eps).reciprocal() != want)
+    assert off.sum() >= n
+    return var[off][:n]
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpp", "triton", "cuda"])
+def test_every_epilogue_kernel_has_the_ieee_invstd(kernel):
+    """One element per channel at z = 1, mean 0, weight 1, identity phi, no Qa: the weight's
+    gradient is invstd itself, which every kernel must compute as IEEE 1 / sqrt(var + eps)."""
+    from expcuda.nn import epilogue
+    reason = epilogue.kernel_unavailable(kernel)
+    if reason is not None:
+        pytest.skip(reason)
+    device = "cuda" if kernel == "cuda" or (kernel == "triton" and DEVICE.type == "cuda") else "cpu"
+    var = _hard_variances(device)
+    c = var.numel()
+    z, grad = torch.ones(1, c, 1, 1, device=device), torch.ones(1, c, 1, 1, device=device)
+    ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
+    _, bwd = epilogue._by_name(kernel)
+    _, dweight, _, _ = bwd(grad, z, ones, zeros, torch.zeros((), device=device), None, zeros, var,
+                           c, 1e-5, 2, "add", "none", 32, "identity", "identity")
+    want = _ieee_invstd(var, 1e-5)
+    assert torch.equal(dweight.cpu().view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_invstd_is_ieee_on_every_device(device):
+    """epilogue.invstd picks ATen's IEEE spelling per device (rsqrt on the CPU, sqrt then
+    reciprocal on CUDA): checked over many variances, those that trip either spelling first."""
+    from expcuda.nn import epilogue
+    gen = torch.Generator().manual_seed(11)
+    var = torch.cat([_hard_variances(device).cpu(), torch.rand(100_000, generator=gen) * 10,
+                     torch.rand(10_000, generator=gen) * 1e-4]).to(device)
+    got = epilogue.invstd(var, 1e-5).cpu()
+    assert torch.equal(got.view(torch.int32), _ieee_invstd(var, 1e-5).view(torch.int32))

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from expcuda import _ext, backends
 from expcuda._custom import apply, autograd, call, define
+from expcuda.quant.reference import div
 
 F32 = torch.float32
 COMBINES = {"add": 0, "sub": 1, "concat": 2}
@@ -70,7 +71,7 @@ def _qa(a_quant: str, a_bits: int, u: Tensor, step: Optional[Tensor]) -> Tensor:
         if a_bits == 32:
             return c
         n = float(2**a_bits - 1)
-        return torch.round(c * n) / n
+        return div(torch.round(c * n), n)  # IEEE on CUDA too (see reference.div)
     if a_quant == "sign":
         return (u > 0).to(F32) - (u < 0).to(F32)
     if a_quant == "lsq":
@@ -92,7 +93,7 @@ def _qa_backward(a_quant: str, a_bits: int, u: Tensor, g: Tensor,
         v = u / s
         inside = (v >= 0) & (v <= qp)
         r = torch.where(inside, torch.round(v) - v, torch.where(v < 0, 0.0, qp))
-        ds = ((g * r).to(torch.float64).sum() / math.sqrt(u.numel() * qp)).to(F32)
+        ds = div((g * r).to(torch.float64).sum(), math.sqrt(u.numel() * qp)).to(F32)
         return torch.where(inside, g, 0.0), ds
     return g, None
 
@@ -103,10 +104,21 @@ def _combine(combine: str, a: Tensor, b: Tensor) -> Tensor:
     return a + b if combine == "add" else a - b
 
 
+def invstd(var: Tensor, eps: float) -> Tensor:
+    """BatchNorm's 1 / sqrt(var + eps) as every epilogue kernel defines it: the IEEE square root,
+    then the IEEE division (the CUDA kernel's ``1.f / sqrtf``); one ulp of invstd can move a
+    value across a quantization level.  ATen reaches it differently per device: on CUDA
+    ``torch.rsqrt`` is approximate (about 2 ulp) while ``sqrt`` and ``reciprocal`` are IEEE; on
+    the CPU ``torch.rsqrt`` is the IEEE ``1 / sqrt`` (the C++ kernel calls it too) while
+    ``torch.sqrt`` is not correctly rounded (tests/test_gpu_defects.py checks both)."""
+    v = var + eps
+    return torch.sqrt(v).reciprocal() if v.is_cuda else torch.rsqrt(v)
+
+
 def _normalize(z: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
-    invstd = torch.rsqrt(var + eps)
-    xhat = (z.to(F32) - _bc(mean)) * _bc(invstd)
-    return xhat, xhat * _bc(weight.to(F32)) + _bc(bias.to(F32)), invstd
+    invstd_ = invstd(var, eps)
+    xhat = (z.to(F32) - _bc(mean)) * _bc(invstd_)
+    return xhat, xhat * _bc(weight.to(F32)) + _bc(bias.to(F32)), invstd_
 
 
 def epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,

@@ -289,7 +289,7 @@ def _launch_args(z, weight, bias, mean, var, c_lp, eps, combine):
     c_tot = z.shape[1]
     has_fp = c_tot > c_lp
     c_out = epilogue.out_channels(c_tot, c_lp, combine) if has_fp else c_lp
-    inv = torch.rsqrt(var + eps)
+    inv = epilogue.invstd(var, eps)
     return (c_tot, has_fp, c_out, inv, weight.to(torch.float32).contiguous(),
             bias.to(torch.float32).contiguous())
 
