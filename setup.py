@@ -8,8 +8,8 @@ Toggles (environment variables read at build time):
   EXPCUDA_NO_CUDA=1       build the C++ CPU kernels only, even when torch has CUDA and
                           nvcc is found.
   TORCH_CUDA_ARCH_LIST    the GPU architectures to compile for, e.g. "9.0" or "8.0;9.0"
-                          (default: the visible GPU's, else "9.0" -- one arch keeps the
-                          build short).
+                          (default: the visible GPU's, else "9.0+PTX": sm_90 code plus PTX
+                          that a newer GPU compiles at load -- one arch keeps the build short).
   EXPCUDA_DEBUG=1         a debug build: -O0 -g, device debug info, no line-level opt.
   CUDA_HOME               the CUDA toolkit folder; when unset it is found from the nvcc on
                           PATH, following a wrapper script to the real nvcc.
@@ -22,6 +22,7 @@ whether or not a GPU is present: a CUDA compile error fails the build.
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import os
 import re
 import shutil
@@ -60,27 +61,59 @@ def find_cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
 
 
-def pip_cuda_includes() -> list[str]:
-    """Headers shipped in the nvidia-* wheels torch depends on (cusparse.h and friends)."""
-    found = []
-    for base in sys.path:
-        found += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
-        found += glob.glob(os.path.join(base, "nvidia", "*", "include"))
-    return sorted({p for p in found if os.path.isdir(p)})
+def cuda_major(cuda_home: str) -> int:
+    """The toolkit's CUDA major version, from its cuda.h (torch's own when that is unreadable)."""
+    try:
+        with open(os.path.join(cuda_home, "include", "cuda.h")) as fh:
+            match = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", fh.read())
+        if match:
+            return int(match.group(1)) // 1000
+    except OSError:
+        pass
+    import torch
+    return int(torch.version.cuda.split(".")[0])
+
+
+def pip_cuda_includes(major: int, paths: list[str] | None = None) -> list[str]:
+    """Header folders of the nvidia-* wheels for CUDA ``major`` (cusparse.h and friends).
+
+    A wheel's CUDA major is the ``-cuNN`` ending of its name (``nvidia-cusparse-cu12``), else the
+    ``nvidia/cuNN`` folder it installs into (the CUDA 13 wheels); wheels of another major, or of
+    none that can be told, are left out so that their headers never mix with the toolkit's.
+    """
+    found = set()
+    for dist in importlib.metadata.distributions(path=paths if paths is not None else sys.path):
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if not name.startswith("nvidia-"):
+            continue
+        suffix = re.search(r"-cu(\d+)$", name)
+        for file in dist.files or ():
+            parts = file.parts
+            if len(parts) < 3 or parts[0] != "nvidia" or "include" not in parts:
+                continue
+            wheel_major = suffix or re.fullmatch(r"cu(\d+)", parts[1])
+            if wheel_major and int(wheel_major.group(1)) == major:
+                found.add(str(dist.locate_file(os.path.join(*parts[:parts.index("include") + 1]))))
+    return sorted(p for p in found if os.path.isdir(p))
 
 
 def default_arch() -> str:
+    """The visible GPU's architecture; without one, sm_90 code plus PTX that newer GPUs JIT."""
     import torch
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{major}.{minor}"
-    return "9.0"
+    return "9.0+PTX"
 
 
 def extensions():
     if flag("EXPCUDA_NO_EXT"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("expcuda compiles against the installed torch: install torch first, then build without "
+                 "isolation: pip install --no-build-isolation -e .  (or set EXPCUDA_NO_EXT=1)")
     cuda_home = find_cuda_home()
     use_cuda = torch.version.cuda is not None and cuda_home is not None and not flag("EXPCUDA_NO_CUDA")
     if use_cuda:
@@ -97,7 +130,9 @@ def extensions():
                   extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += pip_cuda_includes()
+        # the toolkit's headers first: nvcc would otherwise search the wheels' ones before them
+        include_dirs += [os.path.join(cuda_home, "include")]
+        include_dirs += pip_cuda_includes(cuda_major(cuda_home))
         nvcc = opt + ["-std=c++20", "--fmad=false", "-DEXPCUDA_HAVE_CUDA=1"]
         if debug:
             nvcc += ["-G"]
