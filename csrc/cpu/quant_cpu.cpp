@@ -399,10 +399,12 @@ Tensor dorefa_weight_bwd(const Tensor& grad, const Tensor& w_in, int64_t bits) {
 
 // ============================================================================ XNOR weights
 
-// Output filters and the elements per filter of a rank >= 2 weight.
+// Output filters and the elements per filter of a rank >= 2 weight (0 per filter when it has
+// none: an empty weight, over which the loops below do nothing).
 std::pair<int64_t, int64_t> filters(const Tensor& w) {
   TORCH_CHECK(w.dim() >= 2, "expcuda_C: XNOR weights need rank >= 2 (out, in, ...), got rank ", w.dim());
-  return {w.size(0), w.numel() / w.size(0)};
+  const int64_t filt = w.size(0);
+  return {filt, filt == 0 ? 0 : w.numel() / filt};
 }
 
 // Filters per parallel task: about kGrain elements.

@@ -25,15 +25,19 @@ using at::Tensor;
 
 constexpr int kThreads = 256;         // threads per block (a multiple of the warp size)
 constexpr int64_t kMaxBlocks = 8192;  // cap for grid-stride loops
-constexpr int kReduceBlocks = 256;    // partials per reduction: one final block adds them
 
 __host__ __device__ inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for a grid-stride loop over n items.
 int grid_for(int64_t n) { return static_cast<int>(std::clamp<int64_t>(divup(n, kThreads), 1, kMaxBlocks)); }
 
-// Blocks of a partial-sum pass over n items.
-int reduce_grid(int64_t n) { return static_cast<int>(std::clamp<int64_t>(divup(n, kThreads), 1, kReduceBlocks)); }
+// Blocks of a partial-sum (or max) pass over n items: as many as the device holds resident at
+// once (every multiprocessor full), fewer for small n.  One final block adds the partials.
+int reduce_grid(int64_t n) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t resident = int64_t(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
+  return static_cast<int>(std::clamp<int64_t>(divup(n, kThreads), 1, std::max<int64_t>(resident, 1)));
+}
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
@@ -457,10 +461,12 @@ __global__ void xnor_bwd_kernel(const float* g, const T* w, T* out, int64_t per)
     out[blockIdx.x * per + i] = static_cast<T>(qm::xnor_grad(go[i], static_cast<float>(wo[i]), alpha, tm));
 }
 
-// Output filters and elements per filter of a rank >= 2 weight.
+// Output filters and elements per filter of a rank >= 2 weight (0 per filter when it has none:
+// an empty weight, which the callers return at once).
 std::pair<int64_t, int64_t> filters(const Tensor& w) {
   TORCH_CHECK(w.dim() >= 2, "expcuda_C: XNOR weights need rank >= 2 (out, in, ...), got rank ", w.dim());
-  return {w.size(0), w.numel() / w.size(0)};
+  const int64_t filt = w.size(0);
+  return {filt, filt == 0 ? 0 : w.numel() / filt};
 }
 
 Tensor xnor_weight_fwd(const Tensor& w_in) {
