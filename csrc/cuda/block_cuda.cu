@@ -133,7 +133,7 @@ __device__ __forceinline__ Chan chan_at(const Chan* P, int64_t ch) {
 }
 
 __device__ __forceinline__ Chan make_chan(float mean, float var, float w, float b, float eps) {
-  return Chan{mean, 1.f / sqrtf(var + eps), w, b};  // torch.rsqrt(var + eps), IEEE-rounded
+  return Chan{mean, 1.f / sqrtf(var + eps), w, b};  // epilogue.invstd: IEEE sqrt, IEEE division
 }
 
 // The channels behind output channel co: LP channel (or -1) and FP channel (or -1).
