@@ -22,8 +22,18 @@ from tests import triton_ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON = backends.why_not("triton", DEVICE, torch.float32)
-needs_triton = pytest.mark.skipif(TRITON is not None, reason=f"triton backend: {TRITON}")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+on_gpu = [pytest.mark.cuda, _NO_GPU]  # the marks of a test or case that needs a CUDA GPU
+
+
+def needs_triton(test):
+    """Marked triton (the GPU report's test step selects it), skipped where Triton cannot run."""
+    return pytest.mark.triton(pytest.mark.skipif(TRITON is not None,
+                                                 reason=f"triton backend: {TRITON}")(test))
+
+
+def needs_gpu(test):
+    return pytest.mark.cuda(_NO_GPU(test))
 
 
 def _modules():
@@ -126,6 +136,7 @@ def test_launch_runs_on_the_gpu_of_its_tensors(monkeypatch):
     assert seen[-1][1] is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_triton_ops_on_the_second_gpu_match_the_reference():
     if TRITON is not None:
@@ -184,7 +195,7 @@ def _compiled_has(kernel_device: str) -> bool:
     return _ext.REASON is None and _ext.has_kernel("xnor_weight_fwd", kernel_device)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_gpu)])
 def test_compiled_xnor_kernels_take_an_empty_weight(device):
     """Through torch.ops.expcuda_C (the public API returns before): no division by zero rows,
     which kills the process (SIGFPE), hence the subprocess."""
@@ -290,7 +301,8 @@ def _hard_variances(device, n=64, eps=1e-5):
     return var[off][:n]
 
 
-@pytest.mark.parametrize("kernel", ["torch", "cpp", "triton", "cuda"])
+@pytest.mark.parametrize("kernel", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_every_epilogue_kernel_has_the_ieee_invstd(kernel):
     """One element per channel at z = 1, mean 0, weight 1, identity phi, no Qa: the weight's
     gradient is invstd itself, which every kernel must compute as IEEE 1 / sqrt(var + eps)."""
@@ -310,7 +322,7 @@ def test_every_epilogue_kernel_has_the_ieee_invstd(kernel):
     assert torch.equal(dweight.cpu().view(torch.int32), want.view(torch.int32))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_gpu)])
 def test_invstd_is_ieee_on_every_device(device):
     """epilogue.invstd picks ATen's IEEE spelling per device (rsqrt on the CPU, sqrt then
     reciprocal on CUDA): checked over many variances, those that trip either spelling first."""

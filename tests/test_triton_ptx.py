@@ -24,7 +24,8 @@ from tests import triton_ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = backends.why_not("triton", DEVICE, torch.float32)
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend: {_REASON}")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(_REASON is not None, reason=f"triton backend: {_REASON}")]
 
 WORKER = os.path.join(os.path.dirname(__file__), "triton_ptx_worker.py")
 TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
