@@ -84,7 +84,7 @@ def test_two_stage_with_exp_net_and_a_frozen_teacher(tmp_path):
     teacher = tmp_path / "teacher"
     assert main_train(FLAGS + ["--full-precision", "--epochs", "1", "--out", str(teacher)]) == 0
     summary = train(tiny(tmp_path / "run", mode="exp", progressive="two-stage", epochs=2, decay_steps="50%",
-                         distill="mse", teacher=str(teacher)))
+                         distill="mse", teacher=str(teacher), init_from=str(teacher)))
     rows = metrics.read_csv(tmp_path / "run" / "metrics.csv")
     fp_acc = metrics.read_json(teacher / "summary.json")["final_test_acc"]
     assert [r["twin_test_acc"] for r in rows] == [fp_acc, fp_acc]  # frozen
@@ -109,6 +109,7 @@ def test_two_stage_with_exp_net_and_a_frozen_teacher(tmp_path):
     (["--full-precision", "--distill", "kl"], "--full-precision has no quantizers"),
     (["--stage-epochs", "full"], "--stage-epochs needs --progressive"),
     (["--distill", "kl", "--teacher", "/nonexistent"], "--teacher /nonexistent: not a finished full-precision"),
+    (["--init-from", "/nonexistent"], "--init-from /nonexistent: no such file"),
 ])
 def test_bad_input_names_the_flag_and_writes_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"

@@ -94,11 +94,14 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--twin-lr", type=float, help="the twin's learning rate (default --lr)")
     g.add_argument("--teacher", metavar="RUN_DIR",
                    help="a finished --full-precision run folder: a frozen teacher instead of a twin")
+    g.add_argument("--init-from", metavar="PATH",
+                   help="start the model (and the twin) from full-precision weights: a --full-precision run "
+                        "folder or its fp_model.safetensors (the authors' ImageNet runs start pretrained)")
 
 
 METHOD_KEYS = ("nesterov", "progressive", "stage_epochs", "stage_lr", "stage_scales", "stochastic_precision",
                "sp_unit", "sp_weighting", "sp_reach", "distill", "distill_t", "distill_lt", "distill_ls",
-               "distill_ltl", "distill_lsl", "twin", "twin_lr", "teacher")
+               "distill_ltl", "distill_lsl", "twin", "twin_lr", "teacher", "init_from")
 
 
 def overrides(ns: argparse.Namespace, skip=()) -> dict:

@@ -91,6 +91,7 @@ class TrainConfig:
     twin: str = "relu"  # the twin's activation: relu (expcuda's FP network) | clip (the authors' [0, 1])
     twin_lr: Optional[float] = None  # None: lr
     teacher: Optional[str] = None  # a full-precision run folder: a frozen teacher instead of a twin
+    init_from: Optional[str] = None  # full-precision weights (fp_model.safetensors or its run folder) to start from
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "TrainConfig":

@@ -20,6 +20,7 @@ from torch import nn
 from expcuda import models
 from expcuda.methods import DistillLoss, ProgressiveSchedule, StochasticPrecision, distill_step, set_quantized
 from expcuda.methods.distill import check_options as check_distill
+from expcuda.methods.pretrained import load_full_precision
 from expcuda.methods.stochastic import check_options as check_sp
 from expcuda.methods.units import UNITS
 from expcuda.train import build, checkpoint
@@ -70,10 +71,18 @@ def check(cfg) -> None:
             raise ValueError(f"--twin must be one of {', '.join(TWINS)}, got {cfg.twin!r}")
         if cfg.twin_lr is not None and not cfg.twin_lr > 0:
             raise ValueError(f"--twin-lr must be positive, got {cfg.twin_lr!r}")
+    if cfg.init_from is not None and not os.path.isfile(init_path(cfg.init_from)):
+        raise ValueError(f"--init-from {cfg.init_from}: no such file (give fp_model.safetensors or the "
+                         f"--full-precision run folder holding it)")
     if cfg.teacher is not None:
         if cfg.distill is None:
             raise ValueError("--teacher needs --distill kl or mse (how the student learns from it)")
         teacher_config(cfg)
+
+
+def init_path(path: str) -> str:
+    """A run folder stands for its fp_model.safetensors."""
+    return os.path.join(path, "fp_model.safetensors") if os.path.isdir(path) else path
 
 
 def teacher_config(cfg) -> models.ModelConfig:
@@ -101,6 +110,8 @@ class RunMethods:
     def __init__(self, run):
         self.cfg = cfg = run.cfg
         self.r = run
+        if cfg.init_from is not None:
+            load_full_precision(run.model, run.model_cfg, init_path(cfg.init_from))
         self.schedule = schedule_of(cfg)
         self.total_epochs = self.schedule.total_epochs if self.schedule else cfg.epochs
         self.entered = 0
@@ -126,6 +137,8 @@ class RunMethods:
             twin = models.build(r.model_cfg.replace(mode="fp"))
         else:  # the authors' twin: the low-precision network's topology, every quantizer off ([0, 1] clips)
             twin = set_quantized(models.build(r.model_cfg.replace(mode="lp")), False, False)
+        if cfg.init_from is not None:
+            load_full_precision(twin, r.model_cfg, init_path(cfg.init_from))
         twin = twin.to(r.d.device)
         if r.d.enabled and cfg.sync_bn:
             from expcuda.nn import sync_bn
