@@ -52,7 +52,9 @@ def main() -> None:
     report = []
     for item in json.load(sys.stdin):
         kernel = getattr(importlib.import_module(item["module"]), item["name"])
-        src = ASTSource(fn=kernel, signature=item["signature"], constexprs=item["constexprs"])
+        # constexprs keyed by (argument index,): what Triton 3.x takes, 3.6 (the GPU machine's) too
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in item["constexprs"].items()}
+        src = ASTSource(fn=kernel, signature=item["signature"], constexprs=constexprs)
         compiled = triton.compile(src, target=TARGET, options=item["options"])
         report.append({"inexact": inexact(compiled.asm["ptx"]),
                        "narrow_offsets": narrow_offsets(compiled.asm["ttir"])})
