@@ -262,13 +262,18 @@ SELFTEST_LINE = re.compile(r"selftest: (\d+) ok, (\d+) mismatch, (\d+) error, (\
 def step_selftest(ctx, log) -> dict:
     rc, out = capture([sys.executable, "-m", "expcuda.info", "--selftest"])
     log.write(out)
+    return parse_selftest(out, rc, on_gpu=not ctx["dry"])
+
+
+def parse_selftest(out: str, rc: int, on_gpu: bool) -> dict:
+    """The self-check's result; on a GPU machine a refused triton or cuda backend is a failure too."""
     m = SELFTEST_LINE.search(out)
     if m is None:
         return result("failed", f"no summary line (rc {rc})", "```\n" + out[-3000:] + "\n```")
     ok, mismatch, error, refused = (int(g) for g in m.groups()[:4])
     lines = [ln.strip() for ln in out.splitlines() if re.match(r"\s+\S+\s+(reference|cpu|triton|cuda)\s", ln)]
     bad = [ln for ln in lines if re.search(r"\s(mismatch|error):", ln)]
-    gpu_refused = [ln for ln in lines if not ctx["dry"] and re.match(r"\S+\s+(triton|cuda)\s+refused", ln)]
+    gpu_refused = [ln for ln in lines if on_gpu and re.match(r"\S+\s+(triton|cuda)\s+refused", ln)]
     status = "ok" if rc == 0 and not gpu_refused else "failed"
     summary = f"{ok} ok, {mismatch} mismatch, {error} error, {refused} refused in {m.group(5)} s (rc {rc})"
     if gpu_refused:

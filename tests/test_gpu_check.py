@@ -141,3 +141,41 @@ def test_junit_counts(tmp_path):
     c = gpu_report.junit_counts(str(path))
     assert (c["tests"], c["failures"], c["errors"], c["skipped"], c["seconds"]) == (3, 1, 0, 1, 1.5)
     assert c["failed"] == ["tests.test_x::test_a (failure): boom"]
+
+
+SELFTEST_ON_A_GPU = """backends:
+  cuda      unavailable: expcuda._C was built without CUDA kernels
+selftest (small inputs, forward and gradients, against the reference on the same device):
+  lsq                triton    ok: bit for bit with the reference: 36 outputs and gradients on cuda
+  lsq                cuda      refused: expcuda._C was built without CUDA kernels
+  block_epilogue     triton    mismatch: beyond the kernel tests' tolerance at out
+  selftest: 1 ok, 1 mismatch, 0 error, 1 refused in 2.5 s -> FAILED
+"""
+
+
+def test_selftest_result_on_a_gpu_machine():
+    """A refused cuda backend on a GPU (a CPU-only build) fails the step even without a mismatch."""
+    res = gpu_report.parse_selftest(SELFTEST_ON_A_GPU.replace("mismatch:", "ok:").replace("1 mismatch", "0 mismatch"),
+                                    0, on_gpu=True)
+    assert res["status"] == "failed" and "refused on a GPU machine" in res["summary"]
+    assert gpu_report.parse_selftest(SELFTEST_ON_A_GPU.replace("mismatch:", "ok:"), 0, on_gpu=False)["status"] == "ok"
+    res = gpu_report.parse_selftest(SELFTEST_ON_A_GPU, 1, on_gpu=False)
+    assert res["status"] == "failed" and res["data"]["mismatch"] == 1
+    assert res["data"]["failures"] == ["block_epilogue     triton    mismatch: beyond the kernel tests' tolerance at out"]
+    assert gpu_report.parse_selftest("Traceback ...", 1, on_gpu=True)["status"] == "failed"
+
+
+def test_targets_read_off_gpu_figures():
+    steps = {
+        "bandwidth": {"data": {"rows": [
+            dict(backend="cuda", kernel="lsq_bwd", of_peak=0.81, of_copy=0.9),
+            dict(backend="triton", kernel="mask_bwd", of_peak=0.64, of_copy=0.7)]}},
+        "block_bench": {"data": {"ratios": [dict(shape="svhn-1x", layout="nchw", fused_over_two_convs=1.12),
+                                            dict(shape="svhn-0.25x", layout="nchw", fused_over_two_convs=1.31)]}},
+        "train": {"data": {"rows": {"exp": {"vs_fp": 0.74}}}},
+    }
+    bandwidth, block, train = gpu_report.targets(steps)
+    assert bandwidth["met"] is False and "triton mask_bwd 64.0%" in bandwidth["measured"]
+    assert block["met"] is False and block["value"] == 1.31 and "svhn-0.25x" in block["measured"]
+    assert train["met"] is True and train["value"] == 0.74
+    assert [t["met"] for t in gpu_report.targets({})] == [None, None, None]
