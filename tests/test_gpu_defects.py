@@ -332,3 +332,23 @@ def test_invstd_is_ieee_on_every_device(device):
                      torch.rand(10_000, generator=gen) * 1e-4]).to(device)
     got = epilogue.invstd(var, 1e-5).cpu()
     assert torch.equal(got.view(torch.int32), _ieee_invstd(var, 1e-5).view(torch.int32))
+
+
+# --------------------------------------------------------------------------- 8: full reduction grid
+
+@needs_gpu
+def test_cuda_reductions_over_more_blocks_than_256_match_the_reference():
+    """4M elements: the CUDA partial sums now take the device's resident blocks (an H200: 1056),
+    more than the old cap of 256, and still reproduce the reference."""
+    from expcuda import _ext
+    from expcuda.quant import reference as R
+    if not _ext.has_kernel("lsq_bwd", "CUDA"):
+        pytest.skip("expcuda._C has no CUDA kernels")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4 << 20, generator=gen).cuda()
+    g = torch.randn(4 << 20, generator=gen).cuda()
+    step = torch.full((), 0.2, device="cuda")
+    got = torch.ops.expcuda_C.lsq_bwd(g, x, step, 3, True)
+    want = R.lsq_bwd(g, x, step, 3, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(torch.ops.expcuda_C.dorefa_weight_fwd(x, 1), R.dorefa_weight_fwd(x, 1))
