@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from expcuda import backends, selftest
+from expcuda import backends, info, selftest
 from expcuda.nn import cpp_epilogue, epilogue
 from expcuda.quant import __all__ as QUANTIZERS
 
@@ -82,6 +82,8 @@ def test_a_crashing_kernel_is_an_error(monkeypatch):
     rc, lines = run_selftest()
     assert rc == 1
     assert "error: RuntimeError: no kernel image" in line_of(lines, "xnor_weight", HERE)
+    assert info.main(["--selftest"]) == 1  # the exit status of python -m expcuda.info --selftest
+    assert info.main([]) == 0  # without --selftest: the versions only
 
 
 @pytest.mark.skipif(epilogue.kernel_unavailable("cpp") is not None, reason="the C++ epilogue is not built")
