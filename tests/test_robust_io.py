@@ -64,12 +64,11 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one_and_the_reports_behind
         del caught
         gc.collect()  # torch's writer of the failed file holds its space until collected
 
-        # the command line, disk still full: one line, exit 5, the checkpoint still the one of epoch 1;
-        # full, the start-up probe finds it; almost full, the checkpoint write at the end of epoch 2
+        # the command line, disk still full: one line, exit 5, the checkpoint still the one of epoch 1
+        # (which write meets the full disk first, the start-up probe or a later one, depends on the room)
         code = main_train(tiny_flags(data, out, "--epochs", "2", "--resume"))
         line = error_line(capsys.readouterr().err)
-        assert code == 5 and "No space left on device" in line
-        assert f"cannot write {out}{'/checkpoint.pt' if room else ' '}" in line
+        assert code == 5 and "No space left on device" in line and f"cannot write {out}" in line
         assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
 
         os.remove(filler[0])

@@ -89,7 +89,7 @@ def held(tmp_path):
 def test_compare_on_a_busy_folder_is_refused(held, tmp_path, capsys):
     folder, proc = held
     data = fmnist_folder(tmp_path / "data")
-    code = expcuda_main(["compare", "--seeds", "1", *tiny_flags(data, folder)])
+    code = expcuda_main(["compare", "--seeds", "1", "--methods", "baseline,exp", *tiny_flags(data, folder)])
     assert code == 6 and f"process {proc.pid} (test holder)" in error_line(capsys.readouterr().err)
     assert sorted(os.listdir(folder)) == [NAME]  # no run folder, no comparison started
 
