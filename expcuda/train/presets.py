@@ -43,7 +43,7 @@ PRESETS = {
                             decay="cosine", decay_steps="25%"),
     # Their ImageNet ResNet-18 W4/A4 setting: 30 epochs, batch 256, SGD Nesterov, lr 0.005 for the
     # quantized model and 0.001 for the full-precision twin, x0.1 at 15 and 25; weight decay 1e-4 is our
-    # choice. They start both models from pretrained weights, which expcuda does not load (yet).
+    # choice. They start both models from pretrained full-precision weights: --init-from RUN_DIR.
     "imagenet-zhuang": dict(dataset="imagenet", model="resnet18", width=1.0, mode="lp", w_bits=4, a_bits=4,
                             optimizer="sgd", lr=0.005, twin_lr=0.001, momentum=0.9, nesterov=True,
                             weight_decay=1e-4, epochs=30, batch_size=256, milestones=(0.5, 25 / 30),
@@ -54,4 +54,4 @@ NAMES = tuple(PRESETS)
 #: what ``expcuda compare --preset P`` uses for the flags not given (``methods`` and ``seeds`` included;
 #: elsewhere: baseline,exp and 2 seeds). fmnist: the main job, see the README's "Zhuang et al." section.
 COMPARE_DEFAULTS = {"fmnist": dict(methods="baseline,exp,distill,exp+distill,two-stage,staircase,sp", seeds=3,
-                                   width=0.125, w_bits=2, a_bits=1, epochs=4, limit_train=30000)}
+                                   width=0.125, w_bits=2, a_bits=1, epochs=6, limit_train=20000)}
