@@ -80,6 +80,14 @@ def test_stochastic_precision_with_a_twin_resumed_mid_run(tmp_path):
     assert all(r[6] is not None for r in rows) and set(files) == {"lp_model.safetensors", "fp_model.safetensors"}
 
 
+def test_p0_one_through_the_loop_is_the_baseline_run(tmp_path):
+    train(tiny(tmp_path / "base", epochs=1))
+    train(tiny(tmp_path / "sp", epochs=1, stochastic_precision=1.0))
+    (rows, steps, files), (rows_sp, steps_sp, files_sp) = outcome(tmp_path / "base"), outcome(tmp_path / "sp")
+    assert steps == steps_sp and [r[:4] for r in rows] == [r[:4] for r in rows_sp]
+    assert all(torch.equal(v, files_sp["lp_model.safetensors"][k]) for k, v in files["lp_model.safetensors"].items())
+
+
 def test_two_stage_with_exp_net_and_a_frozen_teacher(tmp_path):
     teacher = tmp_path / "teacher"
     assert main_train(FLAGS + ["--full-precision", "--epochs", "1", "--out", str(teacher)]) == 0

@@ -180,8 +180,13 @@ class RunMethods:
         return self.twin_optimizer is not None
 
     def unused_parameters(self) -> bool:
-        """Whether some parameters may get no gradient in a step (DDP must look for them)."""
-        return self.sp is not None or self.schedule is not None
+        """Whether some parameters may get no gradient in a step (DDP must look for them): learned
+        quantizer scales while their unit runs in full precision."""
+        if self.sp is None and self.schedule is None:
+            return False
+        from expcuda.nn.quantizers import ActivationQuantizer, WeightQuantizer
+        return any(any(True for _ in m.parameters()) for m in self.r.model.modules()
+                   if isinstance(m, (WeightQuantizer, ActivationQuantizer)))
 
     def wrap(self, ddp) -> None:
         """The twin under DDP too, when it trains."""
