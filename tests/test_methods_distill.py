@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from expcuda import models
 from expcuda.methods import DistillLoss, distill_step

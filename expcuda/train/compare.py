@@ -29,8 +29,8 @@ from expcuda.train.atomic import write_text
 from expcuda.train.config import TrainConfig
 
 #: method name -> (label, folder stem)
-PARTS = {"baseline": ("baseline", "baseline"), "exp": ("EXP-Net", "exp-net"), "fp": ("full precision", "full-precision"),
-         "distill": ("distillation", "distill"), "two-stage": ("two-stage", "two-stage"),
+PARTS = {"baseline": ("baseline", "baseline"), "exp": ("EXP-Net", "exp-net"),
+         "fp": ("full precision", "full-precision"), "distill": ("distillation", "distill"), "two-stage": ("two-stage", "two-stage"),
          "staircase": ("staircase", "staircase"), "sp": ("stochastic precision", "sp")}
 DEFAULT_METHODS = "baseline,exp"
 ALL_METHODS = "baseline,exp,distill,exp+distill,two-stage,staircase,sp"

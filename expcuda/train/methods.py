@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
