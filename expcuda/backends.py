@@ -74,8 +74,16 @@ def why_not(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str
     return reason
 
 
+_automatic: dict = {}  # (device, dtype) -> the automatic choice: availability is fixed per process
+
+
 def select(device: torch.device, dtype: torch.dtype):
-    """The backend module that serves inputs on ``device`` of ``dtype``."""
+    """The backend module that serves inputs on ``device`` of ``dtype``.
+
+    Every op call asks this (twice per forward + backward), so the automatic
+    choice is remembered per (device, dtype); a forced backend is re-read
+    each call, since ``use_backend`` and ``EXPCUDA_BACKEND`` may change.
+    """
     name = forced_backend()
     if name is not None:
         reason = why_not(name, device, dtype)
@@ -83,6 +91,14 @@ def select(device: torch.device, dtype: torch.dtype):
             raise BackendError(f"backend {name!r} was forced but cannot serve {dtype} tensors "
                                f"on {device}: {reason}")
         return load(name)
+    key = (device, dtype)
+    module = _automatic.get(key)
+    if module is None:
+        module = _automatic[key] = _automatic_choice(device, dtype)
+    return module
+
+
+def _automatic_choice(device: torch.device, dtype: torch.dtype):
     reasons = []
     for cand in _PRIORITY.get(device.type, ("reference",)):
         reason = why_not(cand, device, dtype)

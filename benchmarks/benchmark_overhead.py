@@ -1,0 +1,67 @@
+"""Per-call overhead of the public ops, side by side in one run (issue 10's targets).
+
+    OMP_NUM_THREADS=1 python benchmarks/benchmark_overhead.py [ROUNDS]
+
+Interleaved rounds of: DoReFa activation (2 bits) forward + backward through
+``expcuda.quant.dorefa_activation`` against the memory-traffic floor
+(``x.clone(); g.clone()``) on 128x32x18x18 float32, and the same op on a
+1,000-element tensor against ``torch.relu`` forward + backward. Prints the
+median and best time of each and the ratios (targets: 1.5x the floor, 2x relu).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from expcuda import quant as Q
+
+
+def cases(shape):
+    x = torch.rand(shape, requires_grad=True)
+    g = torch.rand(shape)
+
+    def op():
+        Q.dorefa_activation(x, 2).backward(g)
+
+    def relu():
+        torch.relu(x).backward(g)
+
+    def floor():
+        x.detach().clone()
+        g.clone()
+
+    return {"op": op, "relu": relu, "floor": floor}
+
+
+def measure(rounds: int, calls: int = 20) -> dict:
+    runs = {shape: cases(shape) for shape in ((128, 32, 18, 18), (1000,))}
+    times = {(s, n): [] for s, c in runs.items() for n in c}
+    for _ in range(rounds):
+        for shape, fns in runs.items():
+            for name, fn in fns.items():
+                fn()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[(shape, name)].append((time.perf_counter() - start) / calls * 1e6)
+    return times
+
+
+def main(rounds: int) -> None:
+    times = measure(rounds)
+    print(f"{'case':<32}{'median us':>12}{'best us':>10}")
+    for (shape, name), ts in times.items():
+        print(f"{'x'.join(map(str, shape)) + ' ' + name:<32}{statistics.median(ts):>12.1f}{min(ts):>10.1f}")
+    for shape, base, target in (((128, 32, 18, 18), "floor", 1.5), ((1000,), "relu", 2.0)):
+        med = statistics.median(times[(shape, "op")]) / statistics.median(times[(shape, base)])
+        best = min(times[(shape, "op")]) / min(times[(shape, base)])
+        print(f"op / {base} on {'x'.join(map(str, shape))}: {med:.2f}x median, {best:.2f}x best "
+              f"(target <= {target}x)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
