@@ -127,3 +127,20 @@ def test_block_units_group_a_residual_block_and_bad_options_are_refused():
         StochasticPrecision(tiny_net(), 0.5, 10, reach=1.0)
     with pytest.raises(ValueError, match="no quantizers"):
         units(models.svhn_net(0.125, in_channels=1, mode="fp"))
+
+
+@pytest.mark.parametrize("w_quant, w_bits, a_quant, a_bits", [("dorefa", 2, "dorefa", 2), ("xnor", 1, "sign", 1),
+                                                              ("syq", 2, "dorefa", 1), ("lsq", 4, "lsq", 4)])
+def test_a_skipped_unit_is_the_full_precision_form_with_every_quantizer(w_quant, w_bits, a_quant, a_bits):
+    from expcuda.methods import set_quantized
+
+    opts = dict(w_quant=w_quant, w_bits=w_bits, a_quant=a_quant, a_bits=a_bits)
+    x = torch.rand(4, 1, 40, 40)
+    model, off = tiny_net(**opts).train(), set_quantized(tiny_net(**opts), False, False).train()
+    StochasticPrecision(model, 0.0, 10)  # p0 = 0: no unit quantized in the first step
+    out, ref = model(x), off(x)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    model.eval()
+    quantized = model(x)
+    assert not torch.allclose(quantized, off.eval()(x), rtol=1e-3, atol=1e-3)
