@@ -19,13 +19,16 @@ def float_tensor(name: str, t) -> Tensor:
 
 
 def integer(name: str, value, lo: int, hi: int, extra: Iterable[int] = ()) -> int:
-    extra = tuple(extra)
-    allowed = f"an int in {lo}..{hi}" + "".join(f" or {e}" for e in extra)
+    # every op call passes through here: the message is built only for an error
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+        raise TypeError(f"{name} must be {_allowed(lo, hi, extra)}, got {value!r}")
     if not (lo <= value <= hi or value in extra):
-        raise ValueError(f"{name} must be {allowed}, got {value}")
+        raise ValueError(f"{name} must be {_allowed(lo, hi, extra)}, got {value}")
     return value
+
+
+def _allowed(lo: int, hi: int, extra: Iterable[int]) -> str:
+    return f"an int in {lo}..{hi}" + "".join(f" or {e}" for e in extra)
 
 
 def choice(name: str, value, options: Iterable[str]) -> str:
