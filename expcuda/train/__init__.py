@@ -6,6 +6,7 @@
 
 from expcuda.train.checkpoint import CheckpointError
 from expcuda.train.config import TrainConfig
+from expcuda.train.errors import Diverged, FolderBusy, RunFolderError, WriteError
 from expcuda.train.export import CollapseMismatch
 from expcuda.train.presets import PRESETS
 from expcuda.train.stop import Interrupted
@@ -17,4 +18,5 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     return _train(cfg, on_step)
 
 
-__all__ = ["train", "TrainConfig", "PRESETS", "CheckpointError", "CollapseMismatch", "Interrupted"]
+__all__ = ["train", "TrainConfig", "PRESETS", "CheckpointError", "CollapseMismatch", "Interrupted", "Diverged",
+           "FolderBusy", "RunFolderError", "WriteError"]
