@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -44,12 +43,6 @@ def tiny_config(data_dir, out, **changes) -> TrainConfig:
     values = dict(data_dir=str(data_dir), out=str(out), width=0.125, batch_size=32, epochs=1, threads=1,
                   progress=False)
     return TrainConfig.from_preset("fmnist", **{**values, **changes})
-
-
-def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    """``python -m expcuda.train ARGS`` in a real process."""
-    return subprocess.run([sys.executable, "-m", "expcuda.train", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @contextlib.contextmanager
