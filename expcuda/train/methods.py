@@ -108,7 +108,7 @@ class RunMethods:
 
     def __init__(self, run):
         self.cfg = cfg = run.cfg
-        self.r = run
+        self.run = run
         if cfg.init_from is not None:
             load_full_precision(run.model, run.model_cfg, init_path(cfg.init_from))
         self.schedule = schedule_of(cfg)
@@ -131,17 +131,17 @@ class RunMethods:
 
     # ------------------------------------------------------------------ set-up
     def _twin(self) -> nn.Module:
-        r, cfg = self.r, self.cfg
+        run, cfg = self.run, self.cfg
         if cfg.twin == "relu":
-            twin = models.build(r.model_cfg.replace(mode="fp"))
+            twin = models.build(run.model_cfg.replace(mode="fp"))
         else:  # the authors' twin: the low-precision network's topology, every quantizer off ([0, 1] clips)
-            twin = set_quantized(models.build(r.model_cfg.replace(mode="lp")), False, False)
+            twin = set_quantized(models.build(run.model_cfg.replace(mode="lp")), False, False)
         if cfg.init_from is not None:
-            load_full_precision(twin, r.model_cfg, init_path(cfg.init_from))
-        twin = twin.to(r.d.device)
-        if r.d.enabled and cfg.sync_bn:
+            load_full_precision(twin, run.model_cfg, init_path(cfg.init_from))
+        twin = twin.to(run.d.device)
+        if run.d.enabled and cfg.sync_bn:
             from expcuda.nn import sync_bn
-            twin = (nn.SyncBatchNorm.convert_sync_batchnorm(twin) if r.d.device.type == "cuda"
+            twin = (nn.SyncBatchNorm.convert_sync_batchnorm(twin) if run.d.device.type == "cuda"
                     else sync_bn.convert(twin))
         self.twin_optimizer = build.make_optimizer(dataclasses.replace(cfg, lr=cfg.twin_lr or cfg.lr), twin)
         self.twin_scheduler = build.make_lr_scheduler(self.run_config(), self.twin_optimizer)
@@ -149,12 +149,12 @@ class RunMethods:
 
     def _teacher(self) -> nn.Module:
         from expcuda.train import export
-        cfg, r = self.cfg, self.r
+        cfg, run = self.cfg, self.run
         tcfg = teacher_config(cfg)
-        if (tcfg.num_classes, tcfg.in_channels) != (r.model_cfg.num_classes, r.model_cfg.in_channels):
+        if (tcfg.num_classes, tcfg.in_channels) != (run.model_cfg.num_classes, run.model_cfg.in_channels):
             raise ValueError(f"--teacher {cfg.teacher}: has {tcfg.num_classes} classes and {tcfg.in_channels} "
-                             f"input channels, the data has {r.model_cfg.num_classes} and "
-                             f"{r.model_cfg.in_channels}")
+                             f"input channels, the data has {run.model_cfg.num_classes} and "
+                             f"{run.model_cfg.in_channels}")
         folder = cfg.teacher
         try:
             teacher = export.load(os.path.join(folder, "fp_model.safetensors"), os.path.join(folder, "fp_model.json"))
@@ -163,7 +163,7 @@ class RunMethods:
                              f"fp_model.json ({type(exc).__name__}: {exc})") from None
         for p in teacher.parameters():
             p.requires_grad_(False)
-        return teacher.to(r.d.device).eval()
+        return teacher.to(run.d.device).eval()
 
     def run_config(self):
         """The run's config with ``epochs`` the run's total (more than --epochs with --stage-epochs full)."""
@@ -184,12 +184,12 @@ class RunMethods:
         if self.sp is None and self.schedule is None:
             return False
         from expcuda.nn.quantizers import ActivationQuantizer, WeightQuantizer
-        return any(any(True for _ in m.parameters()) for m in self.r.model.modules()
+        return any(any(True for _ in m.parameters()) for m in self.run.model.modules()
                    if isinstance(m, (WeightQuantizer, ActivationQuantizer)))
 
     def wrap(self, ddp) -> None:
         """The twin under DDP too, when it trains."""
-        if self.trains_twin() and self.r.d.enabled:
+        if self.trains_twin() and self.run.d.enabled:
             self.twin_net = ddp(self.twin)
 
     # ------------------------------------------------------------------ training
@@ -199,15 +199,15 @@ class RunMethods:
             self.twin_net.train()
         if self.schedule is None:
             return
-        stage = self.schedule.stage_at(self.r.epoch)
+        stage = self.schedule.stage_at(self.run.epoch)
         if stage.index == self.entered:
             return
-        self.schedule.apply(self.r.model, stage)
+        self.schedule.apply(self.run.model, stage)
         self.entered = stage.index
         if self.cfg.stage_lr == "restart":
-            self.r.optimizer = build.make_optimizer(self.cfg, self.r.model)
-            self.r.lr_scheduler = build.make_lr_scheduler(self.lr_config(), self.r.optimizer)
-        self.r.progress.log(f"stage {stage.index + 1}/{len(self.schedule.stages)}: {stage.label()} for "
+            self.run.optimizer = build.make_optimizer(self.cfg, self.run.model)
+            self.run.lr_scheduler = build.make_lr_scheduler(self.lr_config(), self.run.optimizer)
+        self.run.progress.log(f"stage {stage.index + 1}/{len(self.schedule.stages)}: {stage.label()} for "
                             f"{stage.epochs} epoch(s), from the previous stage's weights")
 
     def train_step(self, net, optimizer, x, y):
@@ -235,7 +235,7 @@ class RunMethods:
         if self.sp is not None:
             row["sp_fraction"] = self.sp.fraction()
         if self.twin is not None:
-            result = evaluate(self.twin, self.r.test_loader, self.r.d)
+            result = evaluate(self.twin, self.run.test_loader, self.run.d)
             row.update(twin_test_acc=result["acc"], twin_test_loss=result["loss"])
             if self.trains_twin():
                 self.twin_net.train()
@@ -258,10 +258,10 @@ class RunMethods:
 
     def stage_checkpoint(self, state_fn) -> None:
         """At the end of a stage, keep its checkpoint as checkpoint-stage<N>.pt."""
-        if self.schedule is None or not self.r.d.main:
+        if self.schedule is None or not self.run.d.main:
             return
-        stage = self.schedule.stage_at(self.r.epoch - 1)
-        if self.r.epoch == stage.end:
+        stage = self.schedule.stage_at(self.run.epoch - 1)
+        if self.run.epoch == stage.end:
             checkpoint.save(os.path.join(self.cfg.out, f"checkpoint-stage{stage.index + 1}.pt"), state_fn())
 
     # ------------------------------------------------------------------ checkpoints and the end
@@ -275,7 +275,7 @@ class RunMethods:
     def load_state_dict(self, state: dict) -> None:
         if self.schedule is not None:
             self.entered = int(state["entered"])
-            self.schedule.apply(self.r.model, self.schedule.stages[self.entered], reinit=False)
+            self.schedule.apply(self.run.model, self.schedule.stages[self.entered], reinit=False)
         if self.sp is not None:
             self.sp.load_state_dict(state["sp"])
         if self.trains_twin():
@@ -292,8 +292,8 @@ class RunMethods:
             self.sp.remove()
         if self.twin is None:
             return
-        summary["final_twin_test_acc"] = self.r.history[-1]["twin_test_acc"]
-        if self.trains_twin() and self.cfg.twin == "relu" and self.r.d.main:
+        summary["final_twin_test_acc"] = self.run.history[-1]["twin_test_acc"]
+        if self.trains_twin() and self.cfg.twin == "relu" and self.run.d.main:
             from expcuda.train import export
-            weights, config = export.export(self.twin, self.r.model_cfg.replace(mode="fp"), self.cfg.out, "fp_model")
+            weights, config = export.export(self.twin, self.run.model_cfg.replace(mode="fp"), self.cfg.out, "fp_model")
             summary.update(twin_weights=weights, twin_config=config)
