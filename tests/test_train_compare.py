@@ -44,3 +44,5 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "exp-net-seed0" / "lp_model.safetensors")
     assert main(args) == 0  # finished runs are reused, not retrained
     assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert main(args[:-2] + ["--methods", "exp", "--a-bits", "2"]) == 2  # not with other settings
+    assert "is a finished run with other settings (a_bits: 1 there, 2 now)" in capsys.readouterr().err

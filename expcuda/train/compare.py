@@ -137,13 +137,15 @@ def run_all(base: TrainConfig, methods: list[Method], seeds: int, train_fn=None,
         for m in methods:
             folder = os.path.join(base.out, f"{m.folder}-seed{seed}")
             done = os.path.join(folder, "summary.json")
+            cfg = m.cfg.replace(seed=seed, out=folder)
             if os.path.isfile(done):
-                log(f"reusing the finished run in {folder}")
                 summary = metrics.read_json(done)
+                check_reusable(done, summary, cfg)
+                log(f"reusing the finished run in {folder}")
             else:
                 resume = os.path.isfile(os.path.join(folder, "checkpoint.pt"))
                 start = time.time()
-                summary = train_fn(m.cfg.replace(seed=seed, out=folder, resume=resume))
+                summary = train_fn(cfg.replace(resume=resume))
                 wall = time.time() - start
                 if resume and os.path.isfile(os.path.join(folder, WALL)):
                     wall += metrics.read_json(os.path.join(folder, WALL))["wall_s"]
@@ -153,6 +155,19 @@ def run_all(base: TrainConfig, methods: list[Method], seeds: int, train_fn=None,
             summary["folder"] = folder
             results[m.name].append(summary)
     return results
+
+
+def check_reusable(path: str, summary: dict, cfg: TrainConfig) -> None:
+    """Raise unless the finished run at ``path`` was trained with ``cfg``'s settings."""
+    import dataclasses
+    saved = {**dataclasses.asdict(TrainConfig()), **summary.get("config", {})}  # newer fields: their defaults
+    want = cfg.identity()
+    diffs = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in want.items()
+             if (list(saved.get(k)) if isinstance(saved.get(k), tuple) else saved.get(k))
+             != (list(v) if isinstance(v, tuple) else v)]
+    if diffs:
+        raise ValueError(f"{path} is a finished run with other settings ({'; '.join(diffs)}); nothing was "
+                         f"overwritten: pick another --out, or the flags it was run with")
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
