@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_report  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+CHILD_ENV = {**os.environ, "PYTHON": sys.executable}  # the script runs this interpreter, not PATH's python3
 
 
 def number(v) -> float:
@@ -27,7 +28,7 @@ def number(v) -> float:
 def test_dry_run_writes_the_whole_report(tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=ROOT, env=CHILD_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu_report.json").read_text())
     md = (out / "gpu_report.md").read_text()
@@ -67,7 +68,7 @@ def test_dry_run_writes_the_whole_report(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     done = subprocess.run(["bash", SCRIPT, "--out", str(tmp_path / "r")], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=120, cwd=ROOT, env=CHILD_ENV)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and "no CUDA GPU is visible" in done.stdout
     assert not (tmp_path / "r").exists()
