@@ -151,7 +151,8 @@ setup(
     description="Fast, accurate training of low-precision CNNs: EXP-Net with fused kernels",
     packages=find_packages(include=["expcuda", "expcuda.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "safetensors", "scipy"],
+    install_requires=["torch>=2.11",  # the oldest torch tested (README, Building)
+                       "numpy", "tqdm", "matplotlib", "safetensors", "scipy"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["expcuda=expcuda.cli:main"]},
     ext_modules=ext_modules,
