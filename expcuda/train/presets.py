@@ -54,4 +54,4 @@ NAMES = tuple(PRESETS)
 #: what ``expcuda compare --preset P`` uses for the flags not given (``methods`` and ``seeds`` included;
 #: elsewhere: baseline,exp and 2 seeds). fmnist: the main job, see the README's "Zhuang et al." section.
 COMPARE_DEFAULTS = {"fmnist": dict(methods="baseline,exp,distill,exp+distill,two-stage,staircase,sp", seeds=3,
-                                   width=0.125, w_bits=2, a_bits=1, epochs=6, limit_train=20000)}
+                                   width=0.125, w_bits=2, a_bits=1, epochs=6, limit_train=12000)}
