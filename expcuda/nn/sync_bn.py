@@ -6,8 +6,9 @@ so it trains a different function than one process on the whole batch.
 :class:`SyncBatchNorm2d` all-reduces the per-channel sums instead (float64; the
 backward all-reduces the gradients of the sums), which makes the statistics
 those of the global batch.
-Blocks whose BatchNorm is synced run their reference composition: the fused
-epilogue computes its statistics locally.
+Blocks whose BatchNorm is synced run the fused epilogue with the same reduction
+(``synced_epilogue``); this module serves the reference composition and every
+other BatchNorm.
 """
 
 from __future__ import annotations
