@@ -3,9 +3,8 @@
 The local op (``expcuda::block_epilogue``) computes its statistics and its
 backward sums in one call.  Here the same kernels run in their passes with an
 all-reduce in between: this rank's per-channel mean and variance, summed over
-the ranks as float64 ``n * mean`` and ``n * (var + mean^2)`` (what
-``sync_bn.SyncBatchNorm2d`` reduces, from one kernel pass instead of two
-float64 sums); the normalise / quantize / combine pass from those statistics;
+the ranks as ``sync_bn.SyncBatchNorm2d`` does (``sync_bn.reduce_moments``);
+the normalise / quantize / combine pass from those statistics;
 in the backward, this rank's sums of dy and dy * xhat, summed over the ranks,
 then dz from them.  BatchNorm's weight and bias gradients stay this rank's
 sums: DDP averages them as it does every gradient.
@@ -24,8 +23,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from expcuda.nn import cpp_epilogue, epilogue
-
-_F64 = torch.float64
 
 
 def reduce_group(bn) -> Optional[object]:
@@ -66,18 +63,11 @@ class _SyncedEpilogue(torch.autograd.Function):
         c_lp, eps = args[0], args[1]
         z = _kernel_input(z)
         k = _kernels(z)
+        from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
         c, n = z.shape[1], z.numel() // z.shape[1]
-        if n:
-            m, v = (t.to(_F64) for t in k.stats(z))
-            local = torch.cat([m * n, (v + m * m) * n])
-        else:  # an empty share of the batch adds nothing
-            local = z.new_zeros((2 * c,), dtype=_F64)
-        sums = torch.cat([local, local.new_full((1,), float(n))])
-        dist.all_reduce(sums, group=group)
-        count = float(sums[-1])
-        mean64 = sums[:c] / count
-        mean = mean64.float()
-        var = (sums[c:2 * c] / count - mean64 * mean64).clamp_min(0).float()
+        local = k.stats(z) if n else (z.new_zeros((c,), dtype=torch.float32),) * 2
+        mean, var, count = sync_bn.reduce_moments(*local, n, group)
+        mean, var, count = mean.float(), var.float(), float(count)
         out = k.fwd_given(z, weight, bias, f, step, mean, var, *args)
         ctx.save_for_backward(z, weight, bias, f, step, mean, var)
         ctx.args, ctx.group, ctx.count, ctx.kernels = args, group, count, k
