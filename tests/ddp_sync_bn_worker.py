@@ -6,7 +6,8 @@ backward through DistributedDataParallel, once with the BatchNorms synced
 (``expcuda.nn.sync_bn``) and once per rank; rank 0 then computes the whole batch
 in one process and writes, for each variant, the relative difference of the
 logits and the largest difference of a parameter's gradient (relative to the
-norm of all gradients) to the JSON file named by argv[1].
+norm of all gradients) to the JSON file named by argv[1], with the number of fused
+epilogue calls that took their statistics across the ranks (``synced_epilogue``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from expcuda import models
-from expcuda.nn import sync_bn
+from expcuda.nn import sync_bn, synced_epilogue
 
 
 def build(mode: str):
@@ -43,6 +44,19 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+_synced_calls = 0
+_synced_epilogue = synced_epilogue.block_epilogue
+
+
+def _counting(*args):
+    global _synced_calls
+    _synced_calls += 1
+    return _synced_epilogue(*args)
+
+
+synced_epilogue.block_epilogue = _counting  # fused.py calls it through the module
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -53,7 +67,10 @@ def main(out: str) -> None:
         for synced in (True, False):
             model = build(mode)
             model = sync_bn.convert(model) if synced else model
+            global _synced_calls
+            _synced_calls = 0
             logits, got = grads(DistributedDataParallel(model), x[rank::world], y[rank::world])
+            fused_synced = _synced_calls
             parts = [torch.empty_like(logits) for _ in range(world)]
             dist.all_gather(parts, logits)
             if rank == 0:
@@ -64,7 +81,7 @@ def main(out: str) -> None:
                 # relative error is noise
                 scale = torch.cat([v.flatten() for v in want.values()]).norm()
                 report[f"{mode}-{'synced' if synced else 'per-rank'}"] = {
-                    "logits": rel(full, want_logits),
+                    "logits": rel(full, want_logits), "fused_synced": fused_synced,
                     "grads": max(((got[n] - want[n]).norm() / scale).item() for n in want)}
     if rank == 0:
         with open(out, "w") as fh:

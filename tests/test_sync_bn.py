@@ -36,11 +36,21 @@ def test_without_process_group_it_is_batchnorm():
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_synced_block_runs_reference_composition():
+def test_synced_block_runs_fused_and_without_ranks_is_the_local_op():
+    """Synced blocks run the fused epilogue; without a process group its statistics are the
+    batch's own, so the block computes exactly what the unsynced block does."""
+    from tests.test_block_support import step
+
+    torch.manual_seed(0)
     block = ExpandedConv2d(4, 6, 3, padding=1).train()
-    assert block.use_fused()
-    sync_bn.convert(block)
-    assert sync_bn.is_synced(block.lp_bn) and not block.use_fused()
+    block.set_f(0.5)
+    x = torch.randn(3, 4, 6, 6)
+    want = step(block, x)
+    synced = sync_bn.convert(block)
+    assert sync_bn.is_synced(synced.lp_bn) and synced.use_fused()
+    got = step(synced, x)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want if want[k] is not None)
 
 
 def test_cli_flag_turns_sync_off():

@@ -89,6 +89,13 @@ Norm make_norm(const Tensor& weight, const Tensor& bias, const Tensor& mean, con
   return nm;
 }
 
+void check_stats(const Tensor& mean, const Tensor& var, const Cfg& c) {
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat &&
+                  mean.is_contiguous() && var.is_contiguous() && mean.numel() == c.c_tot &&
+                  var.numel() == c.c_tot,
+              "block_epilogue: mean and var must be contiguous float32 tensors of C elements");
+}
+
 // ----------------------------------------------------------------------------- row kernels
 // Each is one simple loop over a row of H*W elements with the kind chosen outside the
 // loop, so the compiler vectorizes it; rows stay in L1 between the steps.  The build
@@ -743,40 +750,18 @@ ROW_KERNEL void cl_bwd_block(int lp, int64_t psi, bool final_pass, const float* 
 #undef CALL
 }
 
-std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
-    const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
-    const c10::optional<Tensor>& step, int64_t c_lp, double eps, int64_t scheme, int64_t combine,
-    int64_t a_quant, int64_t a_bits, int64_t phi, int64_t psi) {
-  Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
-  const int fast = fast_lp_kind(c);
-  const bool cl = channels_last(z);
-  if (cl && fast < 0) {  // the general row kernels walk NCHW rows
-    auto r = block_epilogue_fwd(z.contiguous(), weight, bias, f, step, c_lp, eps, scheme, combine,
-                                a_quant, a_bits, phi, psi);
-    return {std::get<0>(r).contiguous(at::MemoryFormat::ChannelsLast), std::get<1>(r),
-            std::get<2>(r)};
-  }
+// The batch statistics of z: mean and biased variance per channel, float32.
+void batch_stats(const Tensor& z, const Cfg& c, bool cl, Tensor& mean, Tensor& var) {
   const float* zp = z.const_data_ptr<float>();
-  Tensor mean = at::empty({c.c_tot}, z.options());
-  Tensor var = at::empty({c.c_tot}, z.options());
+  mean = at::empty({c.c_tot}, z.options());
+  var = at::empty({c.c_tot}, z.options());
   float* mp = mean.data_ptr<float>();
   float* vp = var.data_ptr<float>();
-  const double count = static_cast<double>(c.n * c.hw);
-  const float fs = c.combine == kSub ? -c.f : c.f;
   if (cl) {
     cl_stats(zp, c.n * c.hw, c.c_tot, mp, vp);
-    ClParams p(make_norm(weight, bias, mean, var, eps), c.c_tot);
-    Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)},
-                           z.options().memory_format(at::MemoryFormat::ChannelsLast));
-    float* op = out.data_ptr<float>();
-    const int64_t P = c.n * c.hw, nb = (P + kPixBlock - 1) / kPixBlock;
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bl = b0; bl < b1; ++bl)
-        cl_fwd_block(fast, c.fp ? c.psi : kNoFp, zp, op, c.c_tot, c.c_lp, c.c_out, bl * kPixBlock,
-                     std::min(P, (bl + 1) * kPixBlock), p, fs, c.levels);
-    });
-    return {out, mean, var};
+    return;
   }
+  const double count = static_cast<double>(c.n * c.hw);
   // statistics in one pass: sums of (z - k) and (z - k)^2 about the first image's per-channel
   // mean k, which keeps the cancellation of var = E[d^2] - E[d]^2 small; float lanes per row,
   // double across rows.  Images go in fixed blocks, read in memory order.
@@ -795,6 +780,27 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
     const double dmean = sums[ch] / count;
     mp[ch] = static_cast<float>(static_cast<double>(k[ch]) + dmean);
     vp[ch] = static_cast<float>(std::max(sums[c.c_tot + ch] / count - dmean * dmean, 0.0));
+  }
+}
+
+// The forward's second pass, from the statistics it is given: normalise, phi, Qa, psi, f and
+// the combine.
+Tensor forward_pass(const Tensor& z, const Cfg& c, int fast, bool cl, const Tensor& weight,
+                    const Tensor& bias, const Tensor& mean, const Tensor& var, double eps) {
+  const float* zp = z.const_data_ptr<float>();
+  const float fs = c.combine == kSub ? -c.f : c.f;
+  if (cl) {
+    ClParams p(make_norm(weight, bias, mean, var, eps), c.c_tot);
+    Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)},
+                           z.options().memory_format(at::MemoryFormat::ChannelsLast));
+    float* op = out.data_ptr<float>();
+    const int64_t P = c.n * c.hw, nb = (P + kPixBlock - 1) / kPixBlock;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl)
+        cl_fwd_block(fast, c.fp ? c.psi : kNoFp, zp, op, c.c_tot, c.c_lp, c.c_out, bl * kPixBlock,
+                     std::min(P, (bl + 1) * kPixBlock), p, fs, c.levels);
+    });
+    return out;
   }
   Norm nm = make_norm(weight, bias, mean, var, eps);
   Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
@@ -823,14 +829,80 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
       forward_row(c, nm, c1, c2, z1, z2, op + r * c.hw, rows);
     }
   });
-  return {out, mean, var};
+  return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
-    const Tensor& grad, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd(
+    const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+    const c10::optional<Tensor>& step, int64_t c_lp, double eps, int64_t scheme, int64_t combine,
+    int64_t a_quant, int64_t a_bits, int64_t phi, int64_t psi) {
+  Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
+  const int fast = fast_lp_kind(c);
+  const bool cl = channels_last(z);
+  if (cl && fast < 0) {  // the general row kernels walk NCHW rows
+    auto r = block_epilogue_fwd(z.contiguous(), weight, bias, f, step, c_lp, eps, scheme, combine,
+                                a_quant, a_bits, phi, psi);
+    return {std::get<0>(r).contiguous(at::MemoryFormat::ChannelsLast), std::get<1>(r),
+            std::get<2>(r)};
+  }
+  Tensor mean, var;
+  batch_stats(z, c, cl, mean, var);
+  return {forward_pass(z, c, fast, cl, weight, bias, mean, var, eps), mean, var};
+}
+
+// z's local statistics, for a caller that reduces them across ranks (see expcuda/nn/synced_epilogue.py)
+std::tuple<Tensor, Tensor> block_epilogue_stats(const Tensor& z) {
+  TORCH_CHECK(z.numel() > 0 && z.dim() == 4 && z.scalar_type() == at::kFloat &&
+                  (z.is_contiguous() || z.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "block_epilogue_stats: z must be a non-empty float32 (N, C, H, W) tensor, "
+              "contiguous or channels_last");
+  Cfg c;
+  c.n = z.size(0);
+  c.c_tot = z.size(1);
+  c.hw = z.size(2) * z.size(3);
+  Tensor mean, var;
+  batch_stats(z, c, channels_last(z), mean, var);
+  return {mean, var};
+}
+
+// The forward's second pass alone, with statistics from elsewhere (reduced across ranks).
+Tensor block_epilogue_fwd_given(
+    const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
     const c10::optional<Tensor>& step, const Tensor& mean, const Tensor& var, int64_t c_lp,
     double eps, int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
     int64_t psi) {
+  Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
+  check_stats(mean, var, c);
+  const int fast = fast_lp_kind(c);
+  const bool cl = channels_last(z);
+  if (cl && fast < 0)  // the general row kernels walk NCHW rows
+    return forward_pass(z.contiguous(), c, fast, false, weight, bias, mean, var, eps)
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  return forward_pass(z, c, fast, cl, weight, bias, mean, var, eps);
+}
+
+// What the backward computes: everything (kFull); pass 1 alone, the per-channel sums of dy and
+// dy * xhat (kSumsOnly); pass 2 alone, dz from the sums it is given (kDzGiven: reduced across
+// ranks; the general NCHW rows still run pass 1, which writes dy into dz for pass 2).
+enum BwdMode : int { kFull = 0, kSumsOnly = 1, kDzGiven = 2 };
+
+struct BwdOut {
+  Tensor dz;  // undefined with kSumsOnly
+  std::vector<double> sum_g, sum_gx;
+  Tensor dstep;
+};
+
+struct GivenSums {  // kDzGiven: sums of dy and dy * xhat per channel over `count` values
+  const double* sum_g;
+  const double* sum_gx;
+  double count;
+};
+
+BwdOut bwd_core(
+    const Tensor& grad, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+    const c10::optional<Tensor>& step, const Tensor& mean, const Tensor& var, int64_t c_lp,
+    double eps, int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
+    int64_t psi, BwdMode mode, const GivenSums& given) {
   Cfg c = make_cfg(z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi);
   const int fast = fast_lp_kind(c);
   const bool cl = channels_last(z);
@@ -840,9 +912,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
                   grad.size(3) == z.size(3),
               "block_epilogue_bwd: grad must be float32, shaped like the output and laid out like z");
   if (cl && fast < 0) {  // the general row kernels walk NCHW rows
-    auto r = block_epilogue_bwd(grad.contiguous(), z.contiguous(), weight, bias, f, step, mean, var,
-                                c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi);
-    std::get<0>(r) = std::get<0>(r).contiguous(at::MemoryFormat::ChannelsLast);
+    BwdOut r = bwd_core(grad.contiguous(), z.contiguous(), weight, bias, f, step, mean, var, c_lp,
+                        eps, scheme, combine, a_quant, a_bits, phi, psi, mode, given);
+    if (r.dz.defined()) r.dz = r.dz.contiguous(at::MemoryFormat::ChannelsLast);
     return r;
   }
   Norm nm = make_norm(weight, bias, mean, var, eps);
@@ -867,7 +939,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
   float* dp = dz.data_ptr<float>();
   const float fs = c.combine == kSub ? -c.f : c.f;
   const int64_t psi_cl = c.fp ? c.psi : kNoFp;
-  if (cl) {  // per pixel block: float sums per channel, then double across blocks in order
+  if (mode == kDzGiven && (cl || fast >= 0)) {
+    // pass 1 of these kernels only sums: the given sums replace it
+  } else if (cl) {  // per pixel block: float sums per channel, then double across blocks in order
     std::vector<float> part(nb * 4 * c.c_out);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bl = b0; bl < b1; ++bl)
@@ -926,7 +1000,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     std::copy(acc.begin() + c.c_tot, acc.begin() + 2 * c.c_tot, sum_gx.begin());
     std::copy(acc.begin() + 2 * c.c_tot, acc.end(), ds_part.begin());
   }
-  const double count = static_cast<double>(c.n * hw);
+  double ds = 0;
+  for (double p : ds_part) ds += p;
+  int64_t numel = c.n * hw * ((c.scheme == 1 && c.fp) ? c.c_out : c.c_lp);
+  Tensor dstep = at::full({}, c.aq == kLsq ? qm::lsq_step_grad(ds, numel, c.qp) : 0.f, z.options());
+  if (mode == kSumsOnly) return {Tensor(), sum_g, sum_gx, dstep};
+  double count = static_cast<double>(c.n * hw);
+  if (mode == kDzGiven) {
+    std::copy(given.sum_g, given.sum_g + c.c_tot, sum_g.begin());
+    std::copy(given.sum_gx, given.sum_gx + c.c_tot, sum_gx.begin());
+    count = given.count;
+  }
   std::vector<float> scale(c.c_tot), a(c.c_tot), bcoef(c.c_tot);
   for (int64_t ch = 0; ch < c.c_tot; ++ch) {
     scale[ch] = nm.w[ch] * nm.invstd[ch];
@@ -974,17 +1058,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
     }
   });
   }
-  Tensor dweight = at::empty({c.c_tot}, z.options());
-  Tensor dbias = at::empty({c.c_tot}, z.options());
-  for (int64_t ch = 0; ch < c.c_tot; ++ch) {
-    dweight.data_ptr<float>()[ch] = static_cast<float>(sum_gx[ch]);
-    dbias.data_ptr<float>()[ch] = static_cast<float>(sum_g[ch]);
-  }
-  double ds = 0;
-  for (double p : ds_part) ds += p;
-  int64_t numel = c.n * hw * ((c.scheme == 1 && c.fp) ? c.c_out : c.c_lp);
-  Tensor dstep = at::full({}, c.aq == kLsq ? qm::lsq_step_grad(ds, numel, c.qp) : 0.f, z.options());
-  return {dz, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), dstep};
+  return {dz, sum_g, sum_gx, dstep};
+}
+
+Tensor sums_tensor(const std::vector<double>& v, const Tensor& like, at::ScalarType dtype) {
+  Tensor t = at::empty({static_cast<int64_t>(v.size())}, like.options().dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t.to(dtype);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd(
+    const Tensor& grad, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+    const c10::optional<Tensor>& step, const Tensor& mean, const Tensor& var, int64_t c_lp,
+    double eps, int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
+    int64_t psi) {
+  BwdOut r = bwd_core(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
+                      a_quant, a_bits, phi, psi, kFull, GivenSums{nullptr, nullptr, 0.0});
+  // the float32 rounding of the sums, then the parameters' dtype
+  Tensor dweight = sums_tensor(r.sum_gx, z, at::kFloat).to(weight.scalar_type());
+  Tensor dbias = sums_tensor(r.sum_g, z, at::kFloat).to(bias.scalar_type());
+  return {r.dz, dweight, dbias, r.dstep};
+}
+
+// Pass 1 alone: this rank's float64 sums of dy and dy * xhat per channel (BatchNorm's weight
+// and bias gradients, before rounding), and LSQ's step gradient.
+std::tuple<Tensor, Tensor, Tensor> block_epilogue_bwd_sums(
+    const Tensor& grad, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+    const c10::optional<Tensor>& step, const Tensor& mean, const Tensor& var, int64_t c_lp,
+    double eps, int64_t scheme, int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi,
+    int64_t psi) {
+  BwdOut r = bwd_core(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
+                      a_quant, a_bits, phi, psi, kSumsOnly, GivenSums{nullptr, nullptr, 0.0});
+  return {sums_tensor(r.sum_g, z, at::kDouble), sums_tensor(r.sum_gx, z, at::kDouble), r.dstep};
+}
+
+// Pass 2 alone: dz from the sums of dy and dy * xhat over `count` values of every rank.
+Tensor block_epilogue_bwd_given(
+    const Tensor& grad, const Tensor& z, const Tensor& weight, const Tensor& bias, const Tensor& f,
+    const c10::optional<Tensor>& step, const Tensor& mean, const Tensor& var, const Tensor& sum_g,
+    const Tensor& sum_gx, double count, int64_t c_lp, double eps, int64_t scheme,
+    int64_t combine, int64_t a_quant, int64_t a_bits, int64_t phi, int64_t psi) {
+  TORCH_CHECK(sum_g.scalar_type() == at::kDouble && sum_gx.scalar_type() == at::kDouble &&
+                  sum_g.is_contiguous() && sum_gx.is_contiguous() && sum_g.numel() == z.size(1) &&
+                  sum_gx.numel() == z.size(1) && count > 0,
+              "block_epilogue_bwd_given: sum_g and sum_gx must be contiguous float64 tensors of C "
+              "elements and count > 0");
+  return bwd_core(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+                  a_bits, phi, psi, kDzGiven,
+                  GivenSums{sum_g.const_data_ptr<double>(), sum_gx.const_data_ptr<double>(), count})
+      .dz;
 }
 
 }  // namespace
@@ -998,11 +1120,27 @@ TORCH_LIBRARY_FRAGMENT(expcuda_C, m) {
   m.def("block_epilogue_bwd(Tensor grad, Tensor z, Tensor weight, Tensor bias, Tensor f,"
         " Tensor? step, Tensor mean, Tensor var, int c_lp, float eps, int scheme, int combine,"
         " int a_quant, int a_bits, int phi, int psi) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the same split in its passes, for statistics reduced across DDP ranks in between
+  // (expcuda/nn/synced_epilogue.py); CPU only: synced CUDA blocks use the PyTorch kernels
+  m.def("block_epilogue_stats(Tensor z) -> (Tensor, Tensor)");
+  m.def("block_epilogue_fwd_given(Tensor z, Tensor weight, Tensor bias, Tensor f, Tensor? step,"
+        " Tensor mean, Tensor var, int c_lp, float eps, int scheme, int combine, int a_quant,"
+        " int a_bits, int phi, int psi) -> Tensor");
+  m.def("block_epilogue_bwd_sums(Tensor grad, Tensor z, Tensor weight, Tensor bias, Tensor f,"
+        " Tensor? step, Tensor mean, Tensor var, int c_lp, float eps, int scheme, int combine,"
+        " int a_quant, int a_bits, int phi, int psi) -> (Tensor, Tensor, Tensor)");
+  m.def("block_epilogue_bwd_given(Tensor grad, Tensor z, Tensor weight, Tensor bias, Tensor f,"
+        " Tensor? step, Tensor mean, Tensor var, Tensor sum_g, Tensor sum_gx, float count, int c_lp,"
+        " float eps, int scheme, int combine, int a_quant, int a_bits, int phi, int psi) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expcuda_C, CPU, m) {
   m.impl("block_epilogue_fwd", &block_epilogue_fwd);
   m.impl("block_epilogue_bwd", &block_epilogue_bwd);
+  m.impl("block_epilogue_stats", &block_epilogue_stats);
+  m.impl("block_epilogue_fwd_given", &block_epilogue_fwd_given);
+  m.impl("block_epilogue_bwd_sums", &block_epilogue_bwd_sums);
+  m.impl("block_epilogue_bwd_given", &block_epilogue_bwd_given);
 }
 
 }  // namespace expcuda

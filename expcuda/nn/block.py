@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expcuda import _checks, backends
-from expcuda.nn import reference, sync_bn
+from expcuda.nn import reference
 from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
                                    check_choice)
 
@@ -169,10 +169,10 @@ class LowPrecisionConv2d(nn.Module):
         return self.lp_bn(self.conv(x, self.lp_weight(extra)))
 
     def use_fused(self) -> bool:
-        """Fused kernels unless ``fused=False``, the reference backend is forced, BN is synced
-        across DDP ranks (the fused epilogue's statistics are this rank's) or the activation's
-        current form has no epilogue kernel (sign activations while not quantizing)."""
-        if self.fused is False or sync_bn.is_synced(self.lp_bn) or self.aq.epilogue_args() is None:
+        """Fused kernels unless ``fused=False``, the reference backend is forced or the activation's
+        current form has no epilogue kernel (sign activations while not quantizing).  A BN synced
+        across DDP ranks runs fused too, with statistics reduced across them (``synced_epilogue``)."""
+        if self.fused is False or self.aq.epilogue_args() is None:
             return False
         return backends.forced_backend() != "reference"
 

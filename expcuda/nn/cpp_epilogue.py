@@ -67,3 +67,36 @@ def backward(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combi
                                                             f, step, mean, var, c_lp, eps, scheme, cb,
                                                             aq, a_bits, ph, ps)
     return dz.to(z.dtype), dw, db, ds
+
+
+# The epilogue split in its passes, for statistics reduced across DDP ranks in between
+# (``expcuda.nn.synced_epilogue``).  The C++ CPU kernel serves them; callers check
+# ``_compiled(z) and not z.is_cuda`` first (the CUDA kernel has no split form).
+
+def stats(z):
+    return torch.ops.expcuda_C.block_epilogue_stats(z.float())
+
+
+def fwd_given(z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits,
+              phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    return torch.ops.expcuda_C.block_epilogue_fwd_given(z.float(), weight, bias, f, step, mean, var,
+                                                        c_lp, eps, scheme, cb, aq, a_bits, ph,
+                                                        ps).to(z.dtype)
+
+
+def bwd_sums(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant, a_bits,
+             phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    return torch.ops.expcuda_C.block_epilogue_bwd_sums(grad.float(), z.float(), weight, bias, f, step,
+                                                       mean, var, c_lp, eps, scheme, cb, aq, a_bits,
+                                                       ph, ps)
+
+
+def bwd_given(grad, z, weight, bias, f, step, mean, var, sum_g, sum_gx, count, c_lp, eps, scheme,
+              combine, a_quant, a_bits, phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    dz = torch.ops.expcuda_C.block_epilogue_bwd_given(grad.float(), z.float(), weight, bias, f, step,
+                                                      mean, var, sum_g, sum_gx, float(count), c_lp,
+                                                      eps, scheme, cb, aq, a_bits, ph, ps)
+    return dz.to(z.dtype)

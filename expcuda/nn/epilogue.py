@@ -123,7 +123,21 @@ def _normalize(z: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tenso
 
 def epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,
                        phi, psi):
+    mean, var = stats_torch(z)
+    out = fwd_given_torch(z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+                          a_bits, phi, psi)
+    return out, mean, var
+
+
+def stats_torch(z):
+    """The batch statistics: mean and biased variance per channel, float32."""
     var, mean = torch.var_mean(z.to(F32), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def fwd_given_torch(z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+                    a_bits, phi, psi):
+    """The forward from the statistics it is given (this rank's, or reduced across ranks)."""
     _, y, _ = _normalize(z, mean, var, weight, bias, eps)
     u = _phi(phi, y[:, :c_lp])
     if y.shape[1] == c_lp:
@@ -134,11 +148,47 @@ def epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_q
             out = _combine(combine, _qa(a_quant, a_bits, u, step), fv)
         else:
             out = _qa(a_quant, a_bits, _combine(combine, u, fv), step)
-    return out.to(z.dtype), mean, var
+    return out.to(z.dtype)
 
 
 def epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
                        a_quant, a_bits, phi, psi):
+    gy, xhat, invstd_, dstep = _dy_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps,
+                                         scheme, combine, a_quant, a_bits, phi, psi)
+    sum_g, sum_gx = _sums(gy, xhat)
+    dz = _dz(gy, xhat, invstd_, weight, sum_g, sum_gx, z.numel() // z.shape[1])
+    return dz.to(z.dtype), sum_gx.to(weight.dtype), sum_g.to(bias.dtype), dstep
+
+
+def bwd_sums_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
+                   a_quant, a_bits, phi, psi):
+    """The backward's first half: this rank's sums of dy and dy * xhat (float64), LSQ's dstep."""
+    gy, xhat, _, dstep = _dy_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme,
+                                   combine, a_quant, a_bits, phi, psi)
+    sum_g, sum_gx = _sums(gy, xhat)
+    return sum_g.double(), sum_gx.double(), dstep
+
+
+def bwd_given_torch(grad, z, weight, bias, f, step, mean, var, sum_g, sum_gx, count, c_lp, eps,
+                    scheme, combine, a_quant, a_bits, phi, psi):
+    """The backward's second half: dz from the sums (of every rank) over ``count`` values."""
+    gy, xhat, invstd_, _ = _dy_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme,
+                                     combine, a_quant, a_bits, phi, psi)
+    return _dz(gy, xhat, invstd_, weight, sum_g.to(F32), sum_gx.to(F32), count).to(z.dtype)
+
+
+def _sums(gy, xhat):
+    return gy.sum(dim=(0, 2, 3)), (gy * xhat).sum(dim=(0, 2, 3))
+
+
+def _dz(gy, xhat, invstd_, weight, sum_g, sum_gx, count):
+    scale = weight.to(F32) * invstd_
+    return _bc(scale) * (gy - _bc(sum_g / count) - xhat * _bc(sum_gx / count))
+
+
+def _dy_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+              a_bits, phi, psi):
+    """The gradient reaching BatchNorm's output (dy), xhat, invstd and LSQ's dstep."""
     g = grad.to(F32)
     xhat, y, invstd = _normalize(z, mean, var, weight, bias, eps)
     y1 = y[:, :c_lp]
@@ -163,13 +213,8 @@ def epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, sch
     gy = gu if m1 is None else torch.where(m1, gu, 0.0)
     if fp:
         gy = torch.cat([gy, gy2], dim=1)
-    count = z.numel() // z.shape[1]
-    sum_g = gy.sum(dim=(0, 2, 3))
-    sum_gx = (gy * xhat).sum(dim=(0, 2, 3))
-    scale = weight.to(F32) * invstd
-    dz = _bc(scale) * (gy - _bc(sum_g / count) - xhat * _bc(sum_gx / count))
     dstep = ds if ds is not None else torch.zeros((), dtype=F32, device=z.device)
-    return dz.to(z.dtype), sum_gx.to(weight.dtype), sum_g.to(bias.dtype), dstep
+    return gy, xhat, invstd, dstep
 
 
 # --------------------------------------------------------------------------- kernel choice

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from expcuda.nn import epilogue
+from expcuda.nn import epilogue, synced_epilogue
 
 
 @torch.no_grad()
@@ -26,6 +26,16 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
 
 
+def _epilogue(bn: nn.Module, z: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The epilogue op: (out, mean, var, values per channel), the statistics over every DDP rank
+    when ``bn`` is synced across more than one, else this batch's own."""
+    group = synced_epilogue.reduce_group(bn)
+    if group is not None:
+        return synced_epilogue.block_epilogue(group, z, *args)
+    out, mean, var = epilogue.block_epilogue(z, *args)
+    return out, mean, var, z.numel() // z.shape[1]
+
+
 def lp_epilogue(block, z: Tensor) -> Tensor:
     """BN (batch statistics), phi and Qa of the LP branch alone: the plain block, the folded block."""
     bn = block.lp_bn
@@ -34,10 +44,10 @@ def lp_epilogue(block, z: Tensor) -> Tensor:
     a_quant, a_bits, phi = block.aq.epilogue_args()
     step = block.aq.step if a_quant == "lsq" else None
     f = getattr(block, "f", None)
-    out, mean, var = epilogue.block_epilogue(
-        z, bn.weight, bn.bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
+    out, mean, var, count = _epilogue(
+        bn, z, bn.weight, bn.bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
         z.shape[1], float(bn.eps), 2, "add", a_quant, a_bits, phi, "identity")
-    update_running_stats(bn, mean, var, z.numel() // z.shape[1])
+    update_running_stats(bn, mean, var, count)
     return out
 
 
@@ -57,11 +67,10 @@ def forward(block, x: Tensor, extra: bool) -> Tensor:
         bias = torch.cat([lp_bn.bias, fp_bn.bias])
         a_quant, a_bits, phi = block.aq.epilogue_args()
         step = block.aq.step if a_quant == "lsq" else None
-        out, mean, var = epilogue.block_epilogue(
-            z, weight, bias, block.f, step, block.out_channels, float(lp_bn.eps), block.scheme,
+        out, mean, var, count = _epilogue(
+            lp_bn, z, weight, bias, block.f, step, block.out_channels, float(lp_bn.eps), block.scheme,
             block.combine, a_quant, a_bits, phi, block.fp_activation)
         if block.training:
-            count = z.numel() // z.shape[1]
             c = block.out_channels
             update_running_stats(lp_bn, mean[:c], var[:c], count)
             update_running_stats(fp_bn, mean[c:], var[c:], count)

@@ -3,11 +3,14 @@
 PyTorch's ``nn.SyncBatchNorm`` runs on GPUs only.  Without it, a DDP run on CPUs
 (gloo) normalises each rank's share of the batch with that share's statistics,
 so it trains a different function than one process on the whole batch.
-:class:`SyncBatchNorm2d` all-reduces the per-channel sums instead (float64; the
-backward all-reduces the gradients of the sums), which makes the statistics
-those of the global batch.
-Blocks whose BatchNorm is synced run their reference composition: the fused
-epilogue computes its statistics locally.
+:class:`SyncBatchNorm2d` all-reduces per-channel sums instead (the backward
+all-reduces the gradients of the sums), which makes the statistics those of the
+global batch: each rank's float32 mean and biased variance over its n values,
+as float64 ``n * mean`` and ``n * (var + mean^2)`` (:func:`reduce_moments`; the
+decomposition is exact, so only the local float32 moments round).
+Blocks whose BatchNorm is synced run the fused epilogue with the same reduction
+(``synced_epilogue``); this module serves the reference composition and every
+other BatchNorm.
 """
 
 from __future__ import annotations
@@ -27,16 +30,32 @@ class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with its gradient: every rank's output depends on every rank's input."""
 
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
+    def forward(ctx, t: Tensor, group=None) -> Tensor:
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
+        ctx.group = group
         return t
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor):
         grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def reduce_moments(mean: Tensor, var: Tensor, n: int, group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch's per-channel mean and biased variance (float64) and its number of
+    values per channel, from this rank's ``mean`` and ``var`` over ``n`` values per channel."""
+    c = mean.numel()
+    if n:
+        m, v = mean.to(torch.float64), var.to(torch.float64)
+        local = torch.cat([m * n, (v + m * m) * n, m.new_full((1,), float(n))])
+    else:  # an empty share of the batch adds nothing
+        local = mean.new_zeros((2 * c + 1,), dtype=torch.float64)
+    sums = _SumOverRanks.apply(local, group)
+    count = sums[-1]
+    gmean = sums[:c] / count
+    return gmean, (sums[c:2 * c] / count - gmean * gmean).clamp_min(0), count
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -46,13 +65,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not self.training or _world() == 1:
             return super().forward(x)
         self._check_input_dim(x)
-        xd = x.double()
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
-        sums = _SumOverRanks.apply(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]))
         c = x.shape[1]
-        n = sums[-1]
-        mean = sums[:c] / n
-        var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)
+        local_var, local_mean = torch.var_mean(x.to(torch.float32), dim=(0, 2, 3), correction=0)
+        mean, var, n = reduce_moments(local_mean, local_var, x.numel() // c)
         if self.track_running_stats:
             update_running_stats(self, mean.detach(), var.detach(), int(n))
         shape = (1, c, 1, 1)

@@ -1,0 +1,102 @@
+"""The fused epilogue with BatchNorm statistics over every DDP rank.
+
+The local op (``expcuda::block_epilogue``) computes its statistics and its
+backward sums in one call.  Here the same kernels run in their passes with an
+all-reduce in between: this rank's per-channel mean and variance, summed over
+the ranks as ``sync_bn.SyncBatchNorm2d`` does (``sync_bn.reduce_moments``);
+the normalise / quantize / combine pass from those statistics;
+in the backward, this rank's sums of dy and dy * xhat, summed over the ranks,
+then dz from them.  BatchNorm's weight and bias gradients stay this rank's
+sums: DDP averages them as it does every gradient.
+
+Kernels: the C++ CPU kernel; everything else (CUDA tensors included: the CUDA
+and Triton kernels have no split form and compute local statistics) runs the
+PyTorch kernels of ``epilogue.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from expcuda.nn import cpp_epilogue, epilogue
+
+
+def reduce_group(bn) -> Optional[object]:
+    """The process group ``bn``'s statistics are reduced over, or None when they are this
+    rank's own: ``bn`` is not synced, no process group is initialised, or it has one rank."""
+    from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
+    if not bn.training or not sync_bn.is_synced(bn) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = getattr(bn, "process_group", None)  # nn.SyncBatchNorm's
+    if group is None:
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _Torch:
+    stats = staticmethod(epilogue.stats_torch)
+    fwd_given = staticmethod(epilogue.fwd_given_torch)
+    bwd_sums = staticmethod(epilogue.bwd_sums_torch)
+    bwd_given = staticmethod(epilogue.bwd_given_torch)
+
+
+def _kernels(z: Tensor):
+    """The C++ kernels where the local op would run them on this z, else the PyTorch ones."""
+    fwd, _ = epilogue._kernels(z)  # honours use_kernel / EXPCUDA_BACKEND; raises if forced and absent
+    if fwd is cpp_epilogue.forward and not z.is_cuda and cpp_epilogue._compiled(z):
+        return cpp_epilogue
+    return _Torch
+
+
+def _kernel_input(t: Tensor) -> Tensor:
+    """z (or its gradient) as every kernel takes it: NCHW-contiguous or channels_last."""
+    return t.contiguous(memory_format=epilogue.layout(t))
+
+
+class _SyncedEpilogue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, f, step, group, *args):
+        c_lp, eps = args[0], args[1]
+        z = _kernel_input(z)
+        k = _kernels(z)
+        from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
+        c, n = z.shape[1], z.numel() // z.shape[1]
+        local = k.stats(z) if n else (z.new_zeros((c,), dtype=torch.float32),) * 2
+        mean, var, count = sync_bn.reduce_moments(*local, n, group)
+        mean, var, count = mean.float(), var.float(), float(count)
+        out = k.fwd_given(z, weight, bias, f, step, mean, var, *args)
+        ctx.save_for_backward(z, weight, bias, f, step, mean, var)
+        ctx.args, ctx.group, ctx.count, ctx.kernels = args, group, count, k
+        ctx.has_step = step is not None
+        ctx.mark_non_differentiable(mean, var)
+        return out.contiguous(memory_format=epilogue.layout(z)), mean, var, count
+
+    @staticmethod
+    def backward(ctx, grad, _gmean, _gvar, _gcount):
+        z, weight, bias, f, step, mean, var = ctx.saved_tensors
+        step = step if ctx.has_step else None
+        k, args = ctx.kernels, ctx.args
+        grad = grad.contiguous(memory_format=epilogue.layout(z))
+        sum_g, sum_gx, dstep = k.bwd_sums(grad, z, weight, bias, f, step, mean, var, *args)
+        c = z.shape[1]
+        total = torch.cat([sum_g, sum_gx])
+        dist.all_reduce(total, group=ctx.group)
+        dz = k.bwd_given(grad, z, weight, bias, f, step, mean, var, total[:c], total[c:], ctx.count,
+                         *args)
+        # BatchNorm's weight and bias gradients: this rank's sums, rounded as the local op does
+        dw = sum_gx.float().to(weight.dtype)
+        db = sum_g.float().to(bias.dtype)
+        dstep = dstep.to(step.dtype).reshape(step.shape) if step is not None else None
+        return (dz, dw, db, None, dstep, None) + (None,) * len(args)
+
+
+def block_epilogue(group, z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
+                   *args) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``epilogue.block_epilogue`` with statistics over ``group``'s ranks: (out, mean, var, count),
+    count the number of values per channel over every rank (for the running variance)."""
+    out, mean, var, count = _SyncedEpilogue.apply(z, weight, bias, f, step, group, *args)
+    return out, mean, var, int(count)
