@@ -20,4 +20,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``expcuda_C::<op>`` was compiled for ``dispatch_key`` (CPU or CUDA)."""
     if _C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"expcuda_C::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"expcuda_C::{op}", dispatch_key)
+    except RuntimeError:  # an older build: the schema is not registered at all
+        return False

@@ -1,4 +1,5 @@
-"""``python -m expcuda.info``: versions, and which backends can run here (and why not).
+"""``python -m expcuda.info``: versions, which backends can run here (and why not), and per op
+which backends serve it.
 
 ``--selftest`` then checks every op on every available backend against the reference
 (:mod:`expcuda.selftest`) and exits 1 on any mismatch.
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from expcuda import backends
+from expcuda import backends, registry
 
 
 def lines() -> list[str]:
@@ -32,6 +33,15 @@ def lines() -> list[str]:
         out.append(f"  {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
     forced = backends.forced_backend()
     out.append(f"forced   {forced or 'no (automatic choice)'}")
+    out.append("ops (float32 CPU tensors; CUDA tensors where a GPU is visible): the backends that serve each")
+    probes = [torch.empty(0)] + ([torch.empty(0, device="cuda")] if torch.cuda.is_available() else [])
+    for probe in probes:
+        for op, by_backend in registry.op_report(probe).items():
+            serving = [name for name, why in by_backend.items() if why is None]
+            out.append(f"  {op:<26} {probe.device.type:<4} {', '.join(serving) or 'none'}")
+            for name, why in by_backend.items():
+                if why is not None and registry.availability(name) is None:
+                    out.append(f"  {'':<26} {'':<4} not {name}: {why}")
     return out
 
 

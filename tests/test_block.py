@@ -142,22 +142,22 @@ def test_cpp_channels_last_many_blocks(args):
     """Larger shapes than the block tests: many pixel blocks (and threads) in the channels_last
     kernel, channel tails, the LP-only case; continuous outputs, so the NCHW kernel on the
     same z must agree to rounding, forward and backward."""
-    from expcuda.nn import cpp_epilogue
+    from expcuda._backends import compiled as cpp_epilogue
     g = torch.Generator().manual_seed(4)
     c_tot = 26 if args[0] in (13, 26) else 48
     z = (torch.randn(16, c_tot, 9, 11, generator=g) * 2 + 1)
     w, b = torch.rand(c_tot, generator=g) + 0.5, torch.randn(c_tot, generator=g)
     f = torch.tensor(0.7)
     zc = z.to(memory_format=torch.channels_last)
-    got = cpp_epilogue.forward(zc, w, b, f, None, *args)
-    want = cpp_epilogue.forward(z, w, b, f, None, *args)
+    got = cpp_epilogue.block_epilogue_fwd(zc, w, b, f, None, *args)
+    want = cpp_epilogue.block_epilogue_fwd(z, w, b, f, None, *args)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     grad = torch.randn(want[0].shape, generator=g)
-    got_b = cpp_epilogue.backward(grad.to(memory_format=torch.channels_last), zc, w, b, f, None,
+    got_b = cpp_epilogue.block_epilogue_bwd(grad.to(memory_format=torch.channels_last), zc, w, b, f, None,
                                   want[1], want[2], *args)
-    want_b = cpp_epilogue.backward(grad, z, w, b, f, None, want[1], want[2], *args)
+    want_b = cpp_epilogue.block_epilogue_bwd(grad, z, w, b, f, None, want[1], want[2], *args)
     assert got_b[0].is_contiguous(memory_format=torch.channels_last)
     for a, e in zip(got_b, want_b):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

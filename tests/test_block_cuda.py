@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from expcuda import use_backend
-from expcuda.nn import LowPrecisionConv2d, cpp_epilogue, epilogue
+from expcuda import registry
+from expcuda.nn import LowPrecisionConv2d, epilogue
 from tests.test_block import GEOMETRY, QUANT, inputs, make
 from tests.test_block_support import assert_close_to, rel_err
 
@@ -344,9 +345,11 @@ def test_block_low_precision_dtypes(dtype, opts):
 def test_cuda_backend_picks_the_cuda_kernel():
     z = torch.randn(2, 6, 3, 3, device=DEV)
     with use_backend("cuda"):
-        assert epilogue._kernels(z) == (cpp_epilogue.forward, cpp_epilogue.backward)
+        assert registry.dispatch("block_epilogue_fwd", z).backend == "cuda"
+        assert registry.dispatch("block_epilogue_bwd", z).backend == "cuda"
     with use_backend("reference"):
-        assert epilogue._kernels(z) == (epilogue.epilogue_fwd_torch, epilogue.epilogue_bwd_torch)
+        assert registry.dispatch("block_epilogue_fwd", z).fn is epilogue.epilogue_fwd_torch
+        assert registry.dispatch("block_epilogue_bwd", z).fn is epilogue.epilogue_bwd_torch
     # the default choice on the GPU is the cuda backend, so the same numbers as the forced kernel
     block = make(combine="concat", fp_ratio=0.5, a_quant="lsq").train().to(DEV)
     x = inputs().to(DEV)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from expcuda import backends, info, selftest
-from expcuda.nn import cpp_epilogue, epilogue
+from expcuda import registry
+from expcuda.nn import epilogue
 from expcuda.quant import __all__ as QUANTIZERS
 
 #: a compiled backend that runs here (the C++ one, or Triton under TRITON_INTERPRET=1)
@@ -43,8 +44,7 @@ def test_passes_with_one_line_per_op_and_backend():
 
 @needs_backend
 def test_a_broken_forward_kernel_is_a_mismatch(monkeypatch):
-    module = backends.load(HERE)
-    good = module.dorefa_activation_fwd
+    good = registry.kernel("dorefa_activation_fwd", HERE).fn
 
     def off_by_one_ulp(x, bits):  # one float32 element one ulp away: bit for bit must catch it
         y, mask = good(x, bits)
@@ -53,8 +53,8 @@ def test_a_broken_forward_kernel_is_a_mismatch(monkeypatch):
             first = (0,) * y.dim()
             y[first] = torch.nextafter(y[first], torch.tensor(2.0, device=y.device))
         return y, mask
-    monkeypatch.setattr(module, "dorefa_activation_fwd", off_by_one_ulp)
-    rc, lines = run_selftest()
+    with registry.replaced("dorefa_activation_fwd", HERE, off_by_one_ulp):
+        rc, lines = run_selftest()
     assert rc == 1
     bad = line_of(lines, "dorefa_activation", HERE)
     assert "mismatch: not bit for bit" in bad and "forward" in bad and "1 elements differ" in bad, bad
@@ -65,10 +65,9 @@ def test_a_broken_forward_kernel_is_a_mismatch(monkeypatch):
 
 @needs_backend
 def test_a_broken_gradient_is_a_mismatch(monkeypatch):
-    module = backends.load(HERE)
-    good = module.lsq_bwd
-    monkeypatch.setattr(module, "lsq_bwd", lambda *a: (lambda dx, ds: (dx, ds * 1.5))(*good(*a)))
-    rc, lines = run_selftest()
+    good = registry.kernel("lsq_bwd", HERE).fn
+    with registry.replaced("lsq_bwd", HERE, lambda *a: (lambda dx, ds: (dx, ds * 1.5))(*good(*a))):
+        rc, lines = run_selftest()
     assert rc == 1
     bad = line_of(lines, "lsq", HERE)
     assert "mismatch" in bad and "grad 1" in bad, bad  # grad 1: the step's gradient
@@ -78,23 +77,23 @@ def test_a_broken_gradient_is_a_mismatch(monkeypatch):
 def test_a_crashing_kernel_is_an_error(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
-    monkeypatch.setattr(backends.load(HERE), "xnor_weight_fwd", broken)
-    rc, lines = run_selftest()
+    with registry.replaced("xnor_weight_fwd", HERE, broken):
+        rc, lines = run_selftest()
+        assert info.main(["--selftest"]) == 1  # the exit status of python -m expcuda.info --selftest
     assert rc == 1
     assert "error: RuntimeError: no kernel image" in line_of(lines, "xnor_weight", HERE)
-    assert info.main(["--selftest"]) == 1  # the exit status of python -m expcuda.info --selftest
     assert info.main([]) == 0  # without --selftest: the versions only
 
 
 @pytest.mark.skipif(epilogue.kernel_unavailable("cpp") is not None, reason="the C++ epilogue is not built")
 def test_a_broken_epilogue_kernel_is_a_mismatch(monkeypatch):
-    good = cpp_epilogue.backward
+    good = registry.kernel("block_epilogue_bwd", "cpu").fn
 
     def wrong_dbias(*args):
         dz, dw, db, ds = good(*args)
         return dz, dw, db * 1.001, ds  # 1e-3 relative: ten times the tests' tolerance
-    monkeypatch.setattr(cpp_epilogue, "backward", wrong_dbias)
-    rc, lines = run_selftest()
+    with registry.replaced("block_epilogue_bwd", "cpu", wrong_dbias):
+        rc, lines = run_selftest()
     assert rc == 1
     bad = line_of(lines, "block_epilogue", "cpu")
     assert "mismatch" in bad and "dbias: relative error" in bad, bad

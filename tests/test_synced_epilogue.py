@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expcuda.nn import cpp_epilogue, epilogue, synced_epilogue
+from expcuda import registry
+from expcuda.nn import epilogue, synced_epilogue
 from tests.test_block_support import kernel_params
 
 # (c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi) and the stacked channels
@@ -25,13 +26,13 @@ CASES = [
 
 
 def split_kernels(name):
-    return cpp_epilogue if name == "cpp" else synced_epilogue._Torch
+    return synced_epilogue.Passes(epilogue.KERNELS[name])
 
 
 def local_kernels(name):
-    if name == "cpp":
-        return cpp_epilogue.forward, cpp_epilogue.backward
-    return epilogue.epilogue_fwd_torch, epilogue.epilogue_bwd_torch
+    backend = epilogue.KERNELS[name]
+    return (registry.kernel("block_epilogue_fwd", backend).fn,
+            registry.kernel("block_epilogue_bwd", backend).fn)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -1,10 +1,15 @@
 """Kernels of ``expcuda._C`` (C++ on CPU tensors, CUDA on GPU tensors), as backend functions.
 
-The schemas live in ``csrc/ops.cpp``; the CPU and CUDA implementations are
-registered under the same names, and torch's dispatcher picks by device.
+The schemas live in ``csrc/ops.cpp`` and ``csrc/cpu/block_cpu.cpp``; the CPU and CUDA
+implementations are registered under the same names, and torch's dispatcher picks by device.
+The block epilogue's kernels take float32 z on the CPU (float16 and bfloat16 through a
+float32 copy: the PyTorch kernels compute in float32 too, so the results agree) and float32,
+float16 and bfloat16 on CUDA; an empty batch runs the PyTorch kernels.
 """
 
 import torch
+
+from expcuda.nn import epilogue
 
 GRANULARITY_CODE = {"layer": 0, "row": 1, "pixel": 2}
 
@@ -55,3 +60,70 @@ def lsq_fwd(x, step, bits, signed):
 
 def lsq_bwd(grad, x, step, bits, signed):
     return _ops().lsq_bwd(grad, x, step, bits, signed)
+
+
+# --------------------------------------------------------------------------- the block epilogue
+
+EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPILOGUE_KERNELS = ("block_epilogue_fwd", "block_epilogue_bwd", "block_epilogue_stats",
+                    "block_epilogue_fwd_given", "block_epilogue_bwd_sums", "block_epilogue_bwd_given")
+
+
+def _f32(t):
+    """The C++ CPU kernel computes on float32 arrays: a float16/bfloat16 CPU tensor is widened."""
+    return t if t.is_cuda else t.float()
+
+
+def _codes(combine, a_quant, phi, psi):
+    return (epilogue.COMBINES[combine], epilogue.A_QUANT_CODES[a_quant], epilogue.PHI_CODES[phi],
+            epilogue.PHI_CODES[psi])
+
+
+def block_epilogue_fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi):
+    if z.numel() == 0:
+        return epilogue.epilogue_fwd_torch(z, weight, bias, f, step, c_lp, eps, scheme, combine,
+                                           a_quant, a_bits, phi, psi)
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    out, mean, var = _ops().block_epilogue_fwd(_f32(z), weight, bias, f, step, c_lp, eps, scheme, cb, aq,
+                                               a_bits, ph, ps)
+    return out.to(z.dtype), mean, var
+
+
+def block_epilogue_bwd(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+                       a_bits, phi, psi):
+    if z.numel() == 0:
+        return epilogue.epilogue_bwd_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps,
+                                           scheme, combine, a_quant, a_bits, phi, psi)
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    dz, dw, db, ds = _ops().block_epilogue_bwd(_f32(grad), _f32(z), weight, bias, f, step, mean, var,
+                                               c_lp, eps, scheme, cb, aq, a_bits, ph, ps)
+    return dz.to(z.dtype), dw, db, ds
+
+
+# The epilogue split in its passes, for statistics reduced across DDP ranks in between
+# (``expcuda.nn.synced_epilogue``); the C++ CPU kernel serves them, on non-empty z.
+
+def block_epilogue_stats(z):
+    return _ops().block_epilogue_stats(z.float())
+
+
+def block_epilogue_fwd_given(z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine, a_quant,
+                             a_bits, phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    return _ops().block_epilogue_fwd_given(z.float(), weight, bias, f, step, mean, var, c_lp, eps, scheme,
+                                           cb, aq, a_bits, ph, ps).to(z.dtype)
+
+
+def block_epilogue_bwd_sums(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, combine,
+                            a_quant, a_bits, phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    return _ops().block_epilogue_bwd_sums(grad.float(), z.float(), weight, bias, f, step, mean, var, c_lp,
+                                          eps, scheme, cb, aq, a_bits, ph, ps)
+
+
+def block_epilogue_bwd_given(grad, z, weight, bias, f, step, mean, var, sum_g, sum_gx, count, c_lp, eps,
+                             scheme, combine, a_quant, a_bits, phi, psi):
+    cb, aq, ph, ps = _codes(combine, a_quant, phi, psi)
+    dz = _ops().block_epilogue_bwd_given(grad.float(), z.float(), weight, bias, f, step, mean, var, sum_g,
+                                         sum_gx, float(count), c_lp, eps, scheme, cb, aq, a_bits, ph, ps)
+    return dz.to(z.dtype)

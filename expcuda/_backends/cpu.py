@@ -1,7 +1,10 @@
 """The C++ CPU backend (``csrc/cpu``): vectorized, multithreaded with at::parallel_for."""
 
-from expcuda import _ext
-from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels; used only when built)
+import torch
+
+from expcuda import _ext, registry
+from expcuda._backends import compiled, per_tensor
+from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels, as module attributes too)
 
 
 def unavailable():
@@ -16,3 +19,19 @@ def refuses(device, dtype):
     if device.type != "cpu":
         return f"serves CPU tensors only, got a {device.type} tensor"
     return None
+
+
+def _epilogue_refuses(z):
+    reason = refuses(z.device, z.dtype)
+    if reason is None and not _ext.has_kernel("block_epilogue_fwd", "CPU"):
+        reason = "expcuda._C was not built with csrc/cpu/block_cpu.cpp"
+    if reason is None and z.dtype not in compiled.EPILOGUE_DTYPES:
+        reason = f"the C++ epilogue serves {', '.join(map(str, compiled.EPILOGUE_DTYPES))}, got {z.dtype}"
+    return reason
+
+
+if unavailable() is None:
+    from expcuda.quant import ops
+    registry.register_all("cpu", compiled, ops.KERNELS, per_tensor(refuses))
+    registry.register_all("cpu", compiled, compiled.EPILOGUE_KERNELS, _epilogue_refuses,
+                          layouts=(torch.contiguous_format, torch.channels_last))

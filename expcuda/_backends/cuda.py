@@ -2,8 +2,9 @@
 
 import torch
 
-from expcuda import _ext
-from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels; used only when built)
+from expcuda import _ext, registry
+from expcuda._backends import compiled, per_tensor
+from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels, as module attributes too)
 
 
 def unavailable():
@@ -21,3 +22,21 @@ def refuses(device, dtype):
     if device.type != "cuda":
         return f"serves CUDA tensors only, got a {device.type} tensor"
     return None
+
+
+def _epilogue_refuses(z):
+    reason = refuses(z.device, z.dtype)
+    if reason is None and not _ext.has_kernel("block_epilogue_fwd", "CUDA"):
+        reason = "expcuda._C was not built with csrc/cuda/block_cuda.cu"
+    if reason is None and z.dtype not in compiled.EPILOGUE_DTYPES:
+        reason = f"the CUDA epilogue serves {', '.join(map(str, compiled.EPILOGUE_DTYPES))}, got {z.dtype}"
+    return reason
+
+
+if unavailable() is None:
+    from expcuda.quant import ops
+    registry.register_all("cuda", compiled, ops.KERNELS, per_tensor(refuses))
+    # the local epilogue only (the split passes for synced BatchNorm are the C++ CPU kernel's);
+    # it indexes NCHW-contiguous z
+    registry.register_all("cuda", compiled, ("block_epilogue_fwd", "block_epilogue_bwd"),
+                          _epilogue_refuses, layouts=(torch.contiguous_format,))

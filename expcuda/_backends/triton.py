@@ -32,3 +32,17 @@ def refuses(device, dtype):
         return None
     return f"runs {device.type} tensors only under TRITON_INTERPRET=1" if device.type == "cpu" \
         else f"does not serve {device.type} tensors"
+
+
+if unavailable() is None:
+    import torch
+
+    from expcuda import registry
+    from expcuda._backends import per_tensor
+    from expcuda.nn import triton_epilogue
+    from expcuda.quant import ops, triton_kernels
+    registry.register_all("triton", triton_kernels, ops.KERNELS, per_tensor(refuses))
+    registry.register("block_epilogue_fwd", "triton", triton_epilogue.forward, per_tensor(refuses),
+                      layouts=(torch.contiguous_format, torch.channels_last))
+    registry.register("block_epilogue_bwd", "triton", triton_epilogue.backward, per_tensor(refuses),
+                      layouts=(torch.contiguous_format, torch.channels_last))

@@ -15,20 +15,19 @@ plain low-precision block).  Kernels: the C++ CPU kernel
 (``csrc/cuda/block_cuda.cu``) when the backend dispatcher picks ``cuda`` and
 ``expcuda._C`` was built with it, Triton (``triton_epilogue.py``) when it
 picks Triton (or ``cuda`` without the CUDA kernel), and
-:func:`epilogue_fwd_torch` / :func:`epilogue_bwd_torch` otherwise.
+:func:`epilogue_fwd_torch` / :func:`epilogue_bwd_torch` otherwise: the backends register
+them in :mod:`expcuda.registry`, whose dispatcher picks (this module imports no kernel).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from expcuda import _ext, backends
+from expcuda import registry
 from expcuda._custom import apply, autograd, call, define
 from expcuda.quant.reference import div
 
@@ -219,83 +218,50 @@ def _dy_torch(grad, z, weight, bias, f, step, mean, var, c_lp, eps, scheme, comb
 
 # --------------------------------------------------------------------------- kernel choice
 
-def _cpp_ready() -> bool:
-    """Whether ``expcuda._C`` was built with ``csrc/cpu/block_cpu.cpp``."""
-    try:
-        return _ext.has_kernel("block_epilogue_fwd", "CPU")
-    except RuntimeError:  # an older build: the schema is not registered at all
-        return False
+#: the epilogue's kernel entry points in expcuda.registry, and their reference (PyTorch) kernels
+REFERENCE_KERNELS = {
+    "block_epilogue_fwd": epilogue_fwd_torch,
+    "block_epilogue_bwd": epilogue_bwd_torch,
+    "block_epilogue_stats": stats_torch,
+    "block_epilogue_fwd_given": fwd_given_torch,
+    "block_epilogue_bwd_sums": bwd_sums_torch,
+    "block_epilogue_bwd_given": bwd_given_torch,
+}
+for _op, _fn in REFERENCE_KERNELS.items():
+    registry.declare(_op, (_fn.__doc__ or "the block epilogue").strip().splitlines()[0])
+OPS = tuple(REFERENCE_KERNELS)
+
+#: the epilogue tests' kernel names, and the backend each one is
+KERNELS = {"torch": "reference", "cpp": "cpu", "triton": "triton", "cuda": "cuda"}
 
 
-def _cuda_ready() -> bool:
-    """Whether ``expcuda._C`` was built with ``csrc/cuda/block_cuda.cu``."""
-    try:
-        return _ext.has_kernel("block_epilogue_fwd", "CUDA")
-    except RuntimeError:
-        return False
-
-
-#: ``torch``, ``cpp``, ``triton`` or ``cuda`` forces one epilogue kernel (the tests run each one)
-_forced_kernel: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("epilogue", default=None)
-KERNELS = ("torch", "cpp", "triton", "cuda")
-
-
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
-    """Force the epilogue kernel inside the ``with`` block."""
+def use_kernel(name: str):
+    """Force the epilogue's kernels (only theirs) to one backend inside the ``with`` block, by its
+    kernel name (``torch``, ``cpp``, ``triton``, ``cuda``); the quantizers keep their choice."""
     if name not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
-    token = _forced_kernel.set(name)
-    try:
-        yield
-    finally:
-        _forced_kernel.reset(token)
+        raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {name!r}")
+    return registry.use_backend(KERNELS[name], ops=OPS)
 
 
 def kernel_unavailable(name: str) -> Optional[str]:
-    """None when the epilogue kernel ``name`` can run here, else why not."""
-    if name == "cpp" and not _cpp_ready():
-        return "expcuda._C was not built with csrc/cpu/block_cpu.cpp"
-    if name == "cuda":
-        if not _cuda_ready():
-            return "expcuda._C was not built with csrc/cuda/block_cuda.cu"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible to torch"
-    if name == "triton":
-        from expcuda.nn import triton_epilogue
-        return triton_epilogue.unavailable()
-    return None
+    """None when the epilogue kernel ``name`` can run here (float32, its own device), else why not."""
+    backend = KERNELS[name]
+    reason = registry.availability(backend)
+    if reason is not None:
+        return reason
+    kernel = registry.kernel("block_epilogue_fwd", backend)
+    if kernel is None:
+        return f"the {backend} backend has no epilogue kernel"
+    probe = torch.empty(0, device="cuda" if backend == "cuda" else "cpu")
+    return kernel.refuses(probe)
 
 
-def _by_name(name: str):
-    if name in ("cpp", "cuda"):  # torch.ops.expcuda_C: the dispatcher picks CPU or CUDA by device
-        from expcuda.nn import cpp_epilogue
-        return cpp_epilogue.forward, cpp_epilogue.backward
-    if name == "triton":
-        from expcuda.nn import triton_epilogue
-        return triton_epilogue.forward, triton_epilogue.backward
-    return epilogue_fwd_torch, epilogue_bwd_torch
-
-
-def _kernels(z: Tensor):
-    """(forward, backward) kernels for z's device and dtype."""
-    forced = _forced_kernel.get()
-    if forced is not None:
-        reason = kernel_unavailable(forced)
-        if reason is not None:
-            raise backends.BackendError(f"epilogue kernel {forced!r} was forced: {reason}")
-        return _by_name(forced)
-    try:
-        name = backends.select(z.device, z.dtype).__name__.rsplit(".", 1)[-1]
-    except backends.BackendError:
-        name = "reference"
-    if name == "cpu" and z.device.type == "cpu" and _cpp_ready():
-        return _by_name("cpp")
-    if name == "cuda" and z.is_cuda and kernel_unavailable("cuda") is None:
-        return _by_name("cuda")
-    if name in ("triton", "cuda") and kernel_unavailable("triton") is None:
-        return _by_name("triton")
-    return _by_name("torch")
+def kernel_input(kernel, t: Tensor) -> Tensor:
+    """t as ``kernel`` takes it: as it is, in its own layout, or NCHW-contiguous."""
+    if kernel.layouts is None:
+        return t
+    fmt = layout(t)
+    return t.contiguous(memory_format=fmt if fmt in kernel.layouts else torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------- the custom ops
@@ -307,27 +273,13 @@ def layout(z: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _keeps_layout(kernel, z: Tensor) -> bool:
-    """Whether the kernel takes z as it is: the PyTorch kernels take any layout, the C++ CPU
-    and the Triton kernels take channels_last too; the CUDA kernel wants NCHW-contiguous z."""
-    if kernel in (epilogue_fwd_torch, epilogue_bwd_torch):
-        return True
-    if layout(z) != torch.channels_last:
-        return False
-    from expcuda.nn import cpp_epilogue, triton_epilogue
-    if kernel in (triton_epilogue.forward, triton_epilogue.backward):
-        return True
-    return kernel in (cpp_epilogue.forward, cpp_epilogue.backward) and not z.is_cuda
-
-
 def _block_epilogue_body(z: Tensor, weight: Tensor, bias: Tensor, f: Tensor, step: Optional[Tensor],
                    c_lp: int, eps: float, scheme: int, combine: str, a_quant: str, a_bits: int,
                    phi: str, psi: str) -> tuple[Tensor, Tensor, Tensor]:
     fmt = layout(z)
-    fwd, _ = _kernels(z)
-    if not _keeps_layout(fwd, z):
-        z = z.contiguous()
-    out, mean, var = fwd(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,
+    kernel = registry.dispatch("block_epilogue_fwd", z)
+    z = kernel_input(kernel, z)
+    out, mean, var = kernel.fn(z, weight, bias, f, step, c_lp, eps, scheme, combine, a_quant, a_bits,
                          phi, psi)
     return out.contiguous(memory_format=fmt), mean, var
 
@@ -347,12 +299,9 @@ def _block_epilogue_backward_body(grad: Tensor, z: Tensor, weight: Tensor, bias:
                             scheme: int, combine: str, a_quant: str, a_bits: int, phi: str,
                             psi: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fmt = layout(z)
-    _, bwd = _kernels(z)
-    if not _keeps_layout(bwd, z):
-        z, fmt_in = z.contiguous(), torch.contiguous_format
-    else:
-        fmt_in = fmt
-    dz, dw, db, ds = bwd(grad.contiguous(memory_format=fmt_in), z, weight, bias, f, step, mean, var,
+    kernel = registry.dispatch("block_epilogue_bwd", z)
+    z = kernel_input(kernel, z)
+    dz, dw, db, ds = kernel.fn(grad.contiguous(memory_format=layout(z)), z, weight, bias, f, step, mean, var,
                          c_lp, eps, scheme, combine, a_quant, a_bits, phi, psi)
     return dz.contiguous(memory_format=fmt), dw, db, ds
 

@@ -9,9 +9,9 @@ in the backward, this rank's sums of dy and dy * xhat, summed over the ranks,
 then dz from them.  BatchNorm's weight and bias gradients stay this rank's
 sums: DDP averages them as it does every gradient.
 
-Kernels: the C++ CPU kernel; everything else (CUDA tensors included: the CUDA
-and Triton kernels have no split form and compute local statistics) runs the
-PyTorch kernels of ``epilogue.py``.
+Kernels: the registry's ``block_epilogue_stats`` / ``_fwd_given`` / ``_bwd_sums`` /
+``_bwd_given``: the C++ CPU kernel, and the PyTorch kernels of ``epilogue.py`` for
+everything else (CUDA tensors included: the CUDA and Triton kernels have no split form).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from expcuda.nn import cpp_epilogue, epilogue
+from expcuda import registry
+from expcuda.nn import epilogue
 
 
 def reduce_group(bn) -> Optional[object]:
@@ -37,19 +38,27 @@ def reduce_group(bn) -> Optional[object]:
     return group if dist.get_world_size(group) > 1 else None
 
 
-class _Torch:
-    stats = staticmethod(epilogue.stats_torch)
-    fwd_given = staticmethod(epilogue.fwd_given_torch)
-    bwd_sums = staticmethod(epilogue.bwd_sums_torch)
-    bwd_given = staticmethod(epilogue.bwd_given_torch)
+class Passes:
+    """The four passes of one backend: ``stats``, ``fwd_given``, ``bwd_sums``, ``bwd_given``."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        for name in ("stats", "fwd_given", "bwd_sums", "bwd_given"):
+            kernel = registry.kernel(f"block_epilogue_{name}", backend)
+            setattr(self, name, kernel.fn)
 
 
-def _kernels(z: Tensor):
-    """The C++ kernels where the local op would run them on this z, else the PyTorch ones."""
-    fwd, _ = epilogue._kernels(z)  # honours use_kernel / EXPCUDA_BACKEND; raises if forced and absent
-    if fwd is cpp_epilogue.forward and not z.is_cuda and cpp_epilogue._compiled(z):
-        return cpp_epilogue
-    return _Torch
+def kernels(z: Tensor) -> Passes:
+    """The passes of the backend the dispatcher picks for this z (honouring a forced one; the
+    PyTorch kernels for an empty batch, which the compiled passes do not take)."""
+    backend = "reference" if z.numel() == 0 else registry.dispatch("block_epilogue_stats", z).backend
+    passes = _PASSES.get(backend)
+    if passes is None:
+        passes = _PASSES[backend] = Passes(backend)
+    return passes
+
+
+_PASSES: dict = {}
 
 
 def _kernel_input(t: Tensor) -> Tensor:
@@ -62,7 +71,7 @@ class _SyncedEpilogue(torch.autograd.Function):
     def forward(ctx, z, weight, bias, f, step, group, *args):
         c_lp, eps = args[0], args[1]
         z = _kernel_input(z)
-        k = _kernels(z)
+        k = kernels(z)
         from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
         c, n = z.shape[1], z.numel() // z.shape[1]
         local = k.stats(z) if n else (z.new_zeros((c,), dtype=torch.float32),) * 2

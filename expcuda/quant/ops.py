@@ -1,7 +1,8 @@
 """The quantizers as ``torch.library`` custom ops with fake kernels and autograd.
 
-Each op runs on the backend :func:`expcuda.backends.select` picks for its
-inputs.  Activation quantizers (DoReFa, sign) save their straight-through
+Each custom op calls its kernel entry points (``KERNELS`` below, declared in
+:mod:`expcuda.registry`) through the one dispatcher, which picks a backend's
+kernel for the inputs; the reference kernels are ``expcuda.quant.reference``.  Activation quantizers (DoReFa, sign) save their straight-through
 mask packed 8 elements per byte: forward writes it beside the output, and
 backward reads 1/32 of a float32 tensor instead of the whole saved input
 (see the README for the measurement).  Weight quantizers save the weight
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
-from expcuda import backends
+from expcuda import registry
 from expcuda._custom import autograd, call, define
 
 LIB = "expcuda"
@@ -46,8 +47,27 @@ def as_layout(grad: Tensor, like_stride) -> Tensor:
     return out.copy_(grad)
 
 
-def _backend(t: Tensor):
-    return backends.select(t.device, t.dtype)
+#: the kernel entry points every backend may serve, with the same signature everywhere
+KERNELS = {
+    "dorefa_activation_fwd": "DoReFa activation: (x, bits) -> (y, packed STE mask)",
+    "sign_activation_fwd": "sign activation: (x) -> (y, packed hardtanh STE mask)",
+    "mask_bwd": "STE backward from a packed mask: (grad, mask) -> dx",
+    "dorefa_weight_fwd": "DoReFa weights: (w, bits) -> Qw(w)",
+    "dorefa_weight_bwd": "DoReFa weights' gradient: (grad, w, bits) -> dw",
+    "xnor_weight_fwd": "XNOR weights: (w) -> sign(w) * alpha per filter",
+    "xnor_weight_bwd": "XNOR weights' gradient: (grad, w) -> dw",
+    "syq_weight_fwd": "SYQ weights: (w, scales, eta, granularity) -> Qw(w)",
+    "syq_weight_bwd": "SYQ weights' gradient: (grad, w, scales, eta, granularity) -> (dw, dscales)",
+    "lsq_fwd": "LSQ: (x, step, bits, signed) -> Qa(x)",
+    "lsq_bwd": "LSQ's gradient: (grad, x, step, bits, signed) -> (dx, dstep)",
+}
+for _name, _doc in KERNELS.items():
+    registry.declare(_name, _doc)
+
+
+def _kernel(op: str, t: Tensor):
+    """The kernel function the dispatcher picks for ``op`` on tensors like ``t``."""
+    return registry.dispatch(op, t).fn
 
 
 # --------------------------------------------------------------------------- packed-mask STE backward
@@ -55,7 +75,7 @@ def _backend(t: Tensor):
 def _ste_mask_backward_impl(grad: Tensor, mask: Tensor) -> Tensor:
     if grad.numel() == 0:
         return torch.empty_like(grad)
-    return _backend(grad).mask_bwd(grad, mask)
+    return _kernel("mask_bwd", grad)(grad, mask)
 
 
 ste_mask_backward = define(f"{LIB}::ste_mask_backward", _ste_mask_backward_impl)
@@ -85,7 +105,7 @@ def _dorefa_activation_op_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), mask_like(x)
-    return _backend(x).dorefa_activation_fwd(x, bits)
+    return _kernel("dorefa_activation_fwd", x)(x, bits)
 
 
 dorefa_activation_op = define(f"{LIB}::dorefa_activation", _dorefa_activation_op_impl)
@@ -105,7 +125,7 @@ def _sign_activation_op_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), mask_like(x)
-    return _backend(x).sign_activation_fwd(x)
+    return _kernel("sign_activation_fwd", x)(x)
 
 
 sign_activation_op = define(f"{LIB}::sign_activation", _sign_activation_op_impl)
@@ -125,7 +145,7 @@ def _dorefa_weight_op_impl(w: Tensor, bits: int) -> Tensor:
     w = w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
-    return _backend(w).dorefa_weight_fwd(w, bits)
+    return _kernel("dorefa_weight_fwd", w)(w, bits)
 
 
 dorefa_weight_op = define(f"{LIB}::dorefa_weight", _dorefa_weight_op_impl)
@@ -140,7 +160,7 @@ def _dorefa_weight_backward_impl(grad: Tensor, w: Tensor, bits: int) -> Tensor:
     grad, w = grad.contiguous(), w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
-    return _backend(w).dorefa_weight_bwd(grad, w, bits)
+    return _kernel("dorefa_weight_bwd", w)(grad, w, bits)
 
 
 dorefa_weight_backward = define(f"{LIB}::dorefa_weight_backward", _dorefa_weight_backward_impl)
@@ -171,7 +191,7 @@ def _xnor_weight_op_impl(w: Tensor) -> Tensor:
     w = w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
-    return _backend(w).xnor_weight_fwd(w)
+    return _kernel("xnor_weight_fwd", w)(w)
 
 
 xnor_weight_op = define(f"{LIB}::xnor_weight", _xnor_weight_op_impl)
@@ -186,7 +206,7 @@ def _xnor_weight_backward_impl(grad: Tensor, w: Tensor) -> Tensor:
     grad, w = grad.contiguous(), w.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
-    return _backend(w).xnor_weight_bwd(grad, w)
+    return _kernel("xnor_weight_bwd", w)(grad, w)
 
 
 xnor_weight_backward = define(f"{LIB}::xnor_weight_backward", _xnor_weight_backward_impl)
@@ -215,7 +235,7 @@ def _syq_weight_op_impl(w: Tensor, scales: Tensor, eta: float, granularity: str)
     w, scales = w.contiguous(), scales.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w)
-    return _backend(w).syq_weight_fwd(w, scales, eta, granularity)
+    return _kernel("syq_weight_fwd", w)(w, scales, eta, granularity)
 
 
 syq_weight_op = define(f"{LIB}::syq_weight", _syq_weight_op_impl)
@@ -231,7 +251,7 @@ def _syq_weight_backward_impl(grad: Tensor, w: Tensor, scales: Tensor, eta: floa
     grad, w, scales = grad.contiguous(), w.contiguous(), scales.contiguous()
     if w.numel() == 0:
         return torch.empty_like(w), torch.zeros_like(scales)
-    return _backend(w).syq_weight_bwd(grad, w, scales, eta, granularity)
+    return _kernel("syq_weight_bwd", w)(grad, w, scales, eta, granularity)
 
 
 syq_weight_backward = define(f"{LIB}::syq_weight_backward", _syq_weight_backward_impl)
@@ -264,7 +284,7 @@ def _lsq_op_impl(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _backend(x).lsq_fwd(x, step, bits, signed)
+    return _kernel("lsq_fwd", x)(x, step, bits, signed)
 
 
 lsq_op = define(f"{LIB}::lsq", _lsq_op_impl)
@@ -280,7 +300,7 @@ def _lsq_backward_impl(grad: Tensor, x: Tensor, step: Tensor, bits: int,
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros_like(step)
-    return _backend(x).lsq_bwd(as_layout(grad, x.stride()), x, step, bits, signed)
+    return _kernel("lsq_bwd", x)(as_layout(grad, x.stride()), x, step, bits, signed)
 
 
 lsq_backward = define(f"{LIB}::lsq_backward", _lsq_backward_impl)
