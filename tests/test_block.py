@@ -203,7 +203,7 @@ def test_triton_epilogue(opts, fmt):
                                   (4, 1e-5, 1, "concat", "lsq", 2, "relu", "identity")])
 def test_triton_kernels_on_channels_last_z(args):
     """The Triton kernels on a channels_last z, called directly, against the PyTorch kernels."""
-    from expcuda.nn import triton_epilogue
+    from expcuda._backends import triton_epilogue
     g = torch.Generator().manual_seed(3)
     z = torch.randn(2, 6, 3, 5, generator=g).to(memory_format=torch.channels_last)
     assert epilogue.layout(z) == torch.channels_last

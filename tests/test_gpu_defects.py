@@ -37,8 +37,8 @@ def needs_gpu(test):
 
 
 def _modules():
-    from expcuda.nn import triton_epilogue as E
-    from expcuda.quant import triton_kernels as T
+    from expcuda._backends import triton_epilogue as E
+    from expcuda._backends import triton_quant as T
     return T, E
 
 

@@ -19,7 +19,7 @@ _REASON = backends.why_not("triton", DEVICE, torch.float32)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend: {_REASON}")
 
 if _REASON is None:
-    from expcuda.quant import triton_kernels as T
+    from expcuda._backends import triton_quant as T
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -51,9 +51,9 @@ def _kernels(module) -> dict[str, object]:
 
 
 def _record_launches(monkeypatch) -> list[dict]:
-    """Every launch through ``triton_kernels.launch`` while the ops run on tiny inputs."""
-    from expcuda.nn import triton_epilogue as E
-    from expcuda.quant import triton_kernels as T
+    """Every launch through ``triton_quant.launch`` while the ops run on tiny inputs."""
+    from expcuda._backends import triton_epilogue as E
+    from expcuda._backends import triton_quant as T
 
     seen: dict[str, dict] = {}
     original = T.launch
@@ -94,8 +94,8 @@ def compiled():
 
 
 def test_every_kernel_is_launched_through_the_launch_helper(compiled):
-    from expcuda.nn import triton_epilogue as E
-    from expcuda.quant import triton_kernels as T
+    from expcuda._backends import triton_epilogue as E
+    from expcuda._backends import triton_quant as T
     launched = {(item["module"], item["name"]) for item in compiled[0]}
     for module in (T, E):
         for name in _kernels(module):

@@ -9,7 +9,7 @@ except ImportError as exc:
     _REASON = f"triton is not installed ({exc})"
 
 if _REASON is None:
-    from expcuda.quant.triton_kernels import *  # noqa: F401,F403  (the kernels)
+    from expcuda._backends.triton_quant import *  # noqa: F401,F403  (the kernels)
 
 
 def interpreting() -> bool:
@@ -39,9 +39,10 @@ if unavailable() is None:
 
     from expcuda import registry
     from expcuda._backends import per_tensor
-    from expcuda.nn import triton_epilogue
-    from expcuda.quant import ops, triton_kernels
-    registry.register_all("triton", triton_kernels, ops.KERNELS, per_tensor(refuses))
+    from expcuda._backends import triton_epilogue
+    from expcuda._backends import triton_quant
+    from expcuda.quant import ops
+    registry.register_all("triton", triton_quant, ops.KERNELS, per_tensor(refuses))
     registry.register("block_epilogue_fwd", "triton", triton_epilogue.forward, per_tensor(refuses),
                       layouts=(torch.contiguous_format, torch.channels_last))
     registry.register("block_epilogue_bwd", "triton", triton_epilogue.backward, per_tensor(refuses),

@@ -13,7 +13,7 @@ branch (``C == c_lp`` leaves only the LP branch: the folded block and the
 plain low-precision block).  Kernels: the C++ CPU kernel
 (``csrc/cpu/block_cpu.cpp``) when ``expcuda._C`` has it, the CUDA kernel
 (``csrc/cuda/block_cuda.cu``) when the backend dispatcher picks ``cuda`` and
-``expcuda._C`` was built with it, Triton (``triton_epilogue.py``) when it
+``expcuda._C`` was built with it, Triton (``_backends/triton_epilogue.py``) when it
 picks Triton (or ``cuda`` without the CUDA kernel), and
 :func:`epilogue_fwd_torch` / :func:`epilogue_bwd_torch` otherwise: the backends register
 them in :mod:`expcuda.registry`, whose dispatcher picks (this module imports no kernel).

@@ -43,8 +43,8 @@ def unavailable() -> Optional[str]:
 
 
 if _REASON is None:
-    from expcuda.quant import triton_kernels as tk
-    from expcuda.quant.triton_kernels import _clamp, _rint  # the quantizers' rounding and clip
+    from expcuda._backends import triton_quant as tk
+    from expcuda._backends.triton_quant import _clamp, _rint  # the quantizers' rounding and clip
 
     @triton.jit
     def _div(a, b):
