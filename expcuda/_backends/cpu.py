@@ -2,9 +2,8 @@
 
 import torch
 
-from expcuda import _ext, registry
-from expcuda._backends import compiled, per_tensor
-from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels, as module attributes too)
+from expcuda import _ext
+from expcuda._backends import compiled, kernel_attributes, per_tensor
 
 
 def unavailable():
@@ -32,6 +31,9 @@ def _epilogue_refuses(z):
 
 if unavailable() is None:
     from expcuda.quant import ops
-    registry.register_all("cpu", compiled, ops.KERNELS, per_tensor(refuses))
-    registry.register_all("cpu", compiled, compiled.EPILOGUE_KERNELS, _epilogue_refuses,
-                          layouts=(torch.contiguous_format, torch.channels_last))
+    compiled.register("cpu", "CPU", ops.KERNELS, per_tensor(refuses))
+    compiled.register("cpu", "CPU", compiled.EPILOGUE_KERNELS, _epilogue_refuses,
+                      layouts=(torch.contiguous_format, torch.channels_last))
+
+
+__getattr__ = kernel_attributes("cpu")

@@ -2,9 +2,8 @@
 
 import torch
 
-from expcuda import _ext, registry
-from expcuda._backends import compiled, per_tensor
-from expcuda._backends.compiled import *  # noqa: F401,F403  (the kernels, as module attributes too)
+from expcuda import _ext
+from expcuda._backends import compiled, kernel_attributes, per_tensor
 
 
 def unavailable():
@@ -35,8 +34,11 @@ def _epilogue_refuses(z):
 
 if unavailable() is None:
     from expcuda.quant import ops
-    registry.register_all("cuda", compiled, ops.KERNELS, per_tensor(refuses))
+    compiled.register("cuda", "CUDA", ops.KERNELS, per_tensor(refuses))
     # the local epilogue only (the split passes for synced BatchNorm are the C++ CPU kernel's);
     # it indexes NCHW-contiguous z
-    registry.register_all("cuda", compiled, ("block_epilogue_fwd", "block_epilogue_bwd"),
-                          _epilogue_refuses, layouts=(torch.contiguous_format,))
+    compiled.register("cuda", "CUDA", ("block_epilogue_fwd", "block_epilogue_bwd"), _epilogue_refuses,
+                      layouts=(torch.contiguous_format,))
+
+
+__getattr__ = kernel_attributes("cuda")

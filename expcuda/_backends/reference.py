@@ -5,9 +5,9 @@ and the block epilogue's beside its op in ``expcuda.nn.epilogue``.
 """
 
 from expcuda import registry
+from expcuda._backends import kernel_attributes
 from expcuda.nn import epilogue
 from expcuda.quant import ops, reference
-from expcuda.quant.reference import *  # noqa: F401,F403  (the kernels, as module attributes too)
 
 
 def unavailable():
@@ -21,3 +21,14 @@ def refuses(device, dtype):
 registry.register_all("reference", reference, ops.KERNELS)
 for _op, _fn in epilogue.REFERENCE_KERNELS.items():
     registry.register(_op, "reference", _fn)
+
+
+_kernels = kernel_attributes("reference")
+
+
+def __getattr__(name: str):
+    """A registered kernel, else a helper of the reference (``pack_mask``, ``levels``, ...)."""
+    try:
+        return _kernels(name)
+    except AttributeError:
+        return getattr(reference, name)

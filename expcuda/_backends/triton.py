@@ -2,14 +2,13 @@
 
 import os
 
+from expcuda._backends import kernel_attributes
+
 try:
     import triton  # noqa: F401
     _REASON = None
 except ImportError as exc:
     _REASON = f"triton is not installed ({exc})"
-
-if _REASON is None:
-    from expcuda._backends.triton_quant import *  # noqa: F401,F403  (the kernels)
 
 
 def interpreting() -> bool:
@@ -47,3 +46,6 @@ if unavailable() is None:
                       layouts=(torch.contiguous_format, torch.channels_last))
     registry.register("block_epilogue_bwd", "triton", triton_epilogue.backward, per_tensor(refuses),
                       layouts=(torch.contiguous_format, torch.channels_last))
+
+
+__getattr__ = kernel_attributes("triton")
