@@ -106,6 +106,19 @@ def default_arch() -> str:
     return "9.0+PTX"
 
 
+def write_codes_header() -> None:
+    """csrc/common/codes.h from expcuda/codes.py, the one table of the kernels' integer codes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("expcuda_codes", os.path.join(ROOT, "expcuda", "codes.py"))
+    codes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codes)
+    path = os.path.join(ROOT, "csrc", "common", "codes.h")
+    text = codes.header()
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as fh:
+            fh.write(text)
+
+
 def extensions():
     if flag("EXPCUDA_NO_EXT"):
         return [], {}
@@ -143,6 +156,7 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+write_codes_header()
 ext_modules, cmdclass = extensions()
 
 setup(

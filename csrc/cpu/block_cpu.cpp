@@ -17,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/codes.h"
 #include "common/quant_math.h"
 
 // the 8-float vectors below only cross inlined calls, so the ABI note does not apply
@@ -27,9 +28,7 @@ namespace {
 
 using at::Tensor;
 
-enum Combine : int64_t { kAdd = 0, kSub = 1, kConcat = 2 };
-enum AQuant : int64_t { kNone = 0, kDorefa = 1, kSign = 2, kLsq = 3 };
-enum Phi : int64_t { kIdentity = 0, kRelu = 1, kClip = 2 };
+// Combine, AQuant and Phi: common/codes.h, generated from expcuda/codes.py
 
 struct Cfg {
   int64_t n, c_tot, c_lp, c_out, hw;

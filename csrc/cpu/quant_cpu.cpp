@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/codes.h"
 #include "common/quant_math.h"
 
 namespace expcuda {
@@ -468,18 +469,18 @@ struct SyqLayout {
 };
 
 SyqLayout syq_layout(const Tensor& w, const Tensor& scales, int64_t granularity) {
-  TORCH_CHECK(granularity >= 0 && granularity <= 2, "expcuda_C: granularity must be 0 (layer), 1 (row) or 2 (pixel)");
-  if (granularity == 0) {
+  TORCH_CHECK(granularity >= kLayer && granularity <= kPixel, "expcuda_C: granularity must be 0 (layer), 1 (row) or 2 (pixel)");
+  if (granularity == kLayer) {
     TORCH_CHECK(scales.numel() == 1, "expcuda_C: layer granularity needs one scale, got ", scales.numel());
     return {w.numel(), 1, 1, {0}};
   }
   TORCH_CHECK(w.dim() == 4, "expcuda_C: row/pixel granularity needs a (out, in, kh, kw) weight, got rank ", w.dim());
   int64_t kh = w.size(2), kw = w.size(3);
-  int64_t groups = granularity == 1 ? kh : kh * kw;
-  TORCH_CHECK(scales.numel() == groups, "expcuda_C: ", granularity == 1 ? "row" : "pixel",
+  int64_t groups = granularity == kRow ? kh : kh * kw;
+  TORCH_CHECK(scales.numel() == groups, "expcuda_C: ", granularity == kRow ? "row" : "pixel",
               " granularity needs ", groups, " scales, got ", scales.numel());
   SyqLayout lay{w.numel() / (kh * kw), kh * kw, groups, std::vector<int64_t>(kh * kw)};
-  for (int64_t p = 0; p < kh * kw; ++p) lay.scale_of[p] = granularity == 1 ? p / kw : p;
+  for (int64_t p = 0; p < kh * kw; ++p) lay.scale_of[p] = granularity == kRow ? p / kw : p;
   return lay;
 }
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/codes.h"
 #include "common/quant_math.h"
 
 namespace expcuda {
@@ -41,9 +42,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 8192;  // cap of grid-stride elementwise grids
 constexpr int64_t kMaxPartials = 64;  // blocks per channel in the reductions
 
-enum Combine : int { kAdd = 0, kSub = 1, kConcat = 2 };
-enum AQuant : int { kNone = 0, kDorefa = 1, kSign = 2, kLsq = 3 };
-enum Phi : int { kIdentity = 0, kRelu = 1, kClip = 2 };
+// Combine, AQuant and Phi: common/codes.h, generated from expcuda/codes.py
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/codes.h"
 #include "common/quant_math.h"
 
 namespace expcuda {
@@ -510,15 +511,15 @@ struct SyqLayout {
 };
 
 SyqLayout syq_layout(const Tensor& w, const Tensor& scales, int64_t granularity) {
-  TORCH_CHECK(granularity >= 0 && granularity <= 2, "expcuda_C: granularity must be 0 (layer), 1 (row) or 2 (pixel)");
-  if (granularity == 0) {
+  TORCH_CHECK(granularity >= kLayer && granularity <= kPixel, "expcuda_C: granularity must be 0 (layer), 1 (row) or 2 (pixel)");
+  if (granularity == kLayer) {
     TORCH_CHECK(scales.numel() == 1, "expcuda_C: layer granularity needs one scale, got ", scales.numel());
     return {1, 1, 1};
   }
   TORCH_CHECK(w.dim() == 4, "expcuda_C: row/pixel granularity needs a (out, in, kh, kw) weight, got rank ", w.dim());
   int64_t kh = w.size(2), kw = w.size(3);
-  SyqLayout lay = granularity == 1 ? SyqLayout{kh * kw, kw, kh} : SyqLayout{kh * kw, 1, kh * kw};
-  TORCH_CHECK(scales.numel() == lay.groups, "expcuda_C: ", granularity == 1 ? "row" : "pixel",
+  SyqLayout lay = granularity == kRow ? SyqLayout{kh * kw, kw, kh} : SyqLayout{kh * kw, 1, kh * kw};
+  TORCH_CHECK(scales.numel() == lay.groups, "expcuda_C: ", granularity == kRow ? "row" : "pixel",
               " granularity needs ", lay.groups, " scales, got ", scales.numel());
   return lay;
 }

@@ -11,39 +11,26 @@ import torch
 
 from expcuda.nn import epilogue
 
-GRANULARITY_CODE = {"layer": 0, "row": 1, "pixel": 2}
+from expcuda.codes import GRANULARITY_CODE
 
 
 def _ops():
     return torch.ops.expcuda_C
 
 
-def dorefa_activation_fwd(x, bits):
-    return _ops().dorefa_activation_fwd(x, bits)
+def kernel(name: str):
+    """The function serving op ``name``: a wrapper below where the Python arguments need
+    converting (codes for strings, float32 copies), else ``torch.ops.expcuda_C.<name>`` itself."""
+    fn = globals().get(name)
+    return fn if callable(fn) else getattr(_ops(), name)
 
 
-def mask_bwd(grad, mask):
-    return _ops().mask_bwd(grad, mask)
-
-
-def sign_activation_fwd(x):
-    return _ops().sign_activation_fwd(x)
-
-
-def dorefa_weight_fwd(w, bits):
-    return _ops().dorefa_weight_fwd(w, bits)
-
-
-def dorefa_weight_bwd(grad, w, bits):
-    return _ops().dorefa_weight_bwd(grad, w, bits)
-
-
-def xnor_weight_fwd(w):
-    return _ops().xnor_weight_fwd(w)
-
-
-def xnor_weight_bwd(grad, w):
-    return _ops().xnor_weight_bwd(grad, w)
+def register(backend: str, dispatch_key: str, names, refuses, layouts=None) -> None:
+    """Register every op in ``names`` that ``expcuda._C`` has a ``dispatch_key`` kernel for."""
+    from expcuda import _ext, registry
+    for name in names:
+        if _ext.has_kernel(name, dispatch_key):
+            registry.register(name, backend, kernel(name), refuses, layouts)
 
 
 def syq_weight_fwd(w, scales, eta, granularity):
@@ -52,14 +39,6 @@ def syq_weight_fwd(w, scales, eta, granularity):
 
 def syq_weight_bwd(grad, w, scales, eta, granularity):
     return _ops().syq_weight_bwd(grad, w, scales, eta, GRANULARITY_CODE[granularity])
-
-
-def lsq_fwd(x, step, bits, signed):
-    return _ops().lsq_fwd(x, step, bits, signed)
-
-
-def lsq_bwd(grad, x, step, bits, signed):
-    return _ops().lsq_bwd(grad, x, step, bits, signed)
 
 
 # --------------------------------------------------------------------------- the block epilogue

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from expcuda import _checks, backends
+from expcuda import _checks, backends, codes
 from expcuda.nn import reference
 from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
                                    check_choice)
 
-COMBINES = ("add", "sub", "concat")
+COMBINES = tuple(codes.COMBINES)  # ("add", "sub", "concat"), from the kernels' one table
 SCHEMES = (1, 2)
 
 

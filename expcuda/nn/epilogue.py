@@ -32,9 +32,7 @@ from expcuda._custom import apply, autograd, call, define
 from expcuda.quant.reference import div
 
 F32 = torch.float32
-COMBINES = {"add": 0, "sub": 1, "concat": 2}
-A_QUANT_CODES = {"none": 0, "dorefa": 1, "sign": 2, "lsq": 3}
-PHI_CODES = {"identity": 0, "relu": 1, "clip": 2}
+from expcuda.codes import A_QUANT_CODES, COMBINES, PHI_CODES  # noqa: E402,F401  (the kernels' codes)
 
 
 def out_channels(c_total: int, c_lp: int, combine: str) -> int:
