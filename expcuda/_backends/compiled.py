@@ -48,6 +48,21 @@ EPILOGUE_KERNELS = ("block_epilogue_fwd", "block_epilogue_bwd", "block_epilogue_
                     "block_epilogue_fwd_given", "block_epilogue_bwd_sums", "block_epilogue_bwd_given")
 
 
+def epilogue_refuses(refuses, dispatch_key: str, source: str, what: str):
+    """The compiled epilogue's per-tensor predicate: the backend's device check, then whether
+    ``expcuda._C`` was built with ``source``, then the dtypes it serves."""
+    from expcuda import _ext
+
+    def check(z):
+        reason = refuses(z.device, z.dtype)
+        if reason is None and not _ext.has_kernel("block_epilogue_fwd", dispatch_key):
+            reason = f"expcuda._C was not built with {source}"
+        if reason is None and z.dtype not in EPILOGUE_DTYPES:
+            reason = f"the {what} epilogue serves {', '.join(map(str, EPILOGUE_DTYPES))}, got {z.dtype}"
+        return reason
+    return check
+
+
 def _f32(t):
     """The C++ CPU kernel computes on float32 arrays: a float16/bfloat16 CPU tensor is widened."""
     return t if t.is_cuda else t.float()

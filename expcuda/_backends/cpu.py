@@ -20,19 +20,11 @@ def refuses(device, dtype):
     return None
 
 
-def _epilogue_refuses(z):
-    reason = refuses(z.device, z.dtype)
-    if reason is None and not _ext.has_kernel("block_epilogue_fwd", "CPU"):
-        reason = "expcuda._C was not built with csrc/cpu/block_cpu.cpp"
-    if reason is None and z.dtype not in compiled.EPILOGUE_DTYPES:
-        reason = f"the C++ epilogue serves {', '.join(map(str, compiled.EPILOGUE_DTYPES))}, got {z.dtype}"
-    return reason
-
-
 if unavailable() is None:
     from expcuda.quant import ops
     compiled.register("cpu", "CPU", ops.KERNELS, per_tensor(refuses))
-    compiled.register("cpu", "CPU", compiled.EPILOGUE_KERNELS, _epilogue_refuses,
+    compiled.register("cpu", "CPU", compiled.EPILOGUE_KERNELS,
+                      compiled.epilogue_refuses(refuses, "CPU", "csrc/cpu/block_cpu.cpp", "C++"),
                       layouts=(torch.contiguous_format, torch.channels_last))
 
 

@@ -23,21 +23,13 @@ def refuses(device, dtype):
     return None
 
 
-def _epilogue_refuses(z):
-    reason = refuses(z.device, z.dtype)
-    if reason is None and not _ext.has_kernel("block_epilogue_fwd", "CUDA"):
-        reason = "expcuda._C was not built with csrc/cuda/block_cuda.cu"
-    if reason is None and z.dtype not in compiled.EPILOGUE_DTYPES:
-        reason = f"the CUDA epilogue serves {', '.join(map(str, compiled.EPILOGUE_DTYPES))}, got {z.dtype}"
-    return reason
-
-
 if unavailable() is None:
     from expcuda.quant import ops
     compiled.register("cuda", "CUDA", ops.KERNELS, per_tensor(refuses))
     # the local epilogue only (the split passes for synced BatchNorm are the C++ CPU kernel's);
     # it indexes NCHW-contiguous z
-    compiled.register("cuda", "CUDA", ("block_epilogue_fwd", "block_epilogue_bwd"), _epilogue_refuses,
+    compiled.register("cuda", "CUDA", ("block_epilogue_fwd", "block_epilogue_bwd"),
+                      compiled.epilogue_refuses(refuses, "CUDA", "csrc/cuda/block_cuda.cu", "CUDA"),
                       layouts=(torch.contiguous_format,))
 
 
