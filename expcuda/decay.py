@@ -15,16 +15,16 @@ from typing import Callable, Mapping, Optional, Union
 
 from torch import nn
 
+from expcuda import _checks
+
 __all__ = ["cosine", "exponential", "Cosine", "Exponential", "DecayScheduler", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "exponential")  # the decay functions by name (the CLI's --decay)
 
 
 def _check_steps(step, decay_steps) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps <= 0:
-        raise ValueError(f"decay_steps must be an int > 0, got {decay_steps!r}")
+    _checks.int_in("step", step, 0)
+    _checks.positive_int("decay_steps", decay_steps)
 
 
 def cosine(step: int, decay_steps: int) -> float:
@@ -38,10 +38,8 @@ def cosine(step: int, decay_steps: int) -> float:
 def exponential(step: int, decay_steps: int, rate: float = 0.5, threshold: float = 0.001) -> float:
     """``rate ** (a // b)``, set to 0 once it falls below ``threshold`` (the authors: 0.5, 0.001)."""
     _check_steps(step, decay_steps)
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    _checks.number("rate", rate, 0.0, 1.0, lo_open=True, hi_open=True)
+    _checks.number("threshold", threshold, 0.0, 1.0, lo_open=True)
     value = rate ** (step // decay_steps)
     return 0.0 if value < threshold else value
 

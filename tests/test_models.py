@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,21 @@ def test_config_json_roundtrip_and_errors():
         ModelConfig(arch="lenet")
     with pytest.raises(ValueError, match="fp_ratio must be 1.0"):
         models.svhn_net(0.25, fp_ratio=0.5)
+
+
+@pytest.mark.parametrize("quant, field, fixed", [("xnor", "w_bits", 1), ("sign", "a_bits", 1), ("none", "a_bits", 32)])
+def test_a_fixed_width_quantizer_records_its_own_bits(quant, field, fixed):
+    kind = "w_quant" if field == "w_bits" else "a_quant"
+    cfg = ModelConfig(**{kind: quant})
+    assert getattr(cfg, field) == fixed
+    # a config written before the rule recorded the shared default 2, which these ignore: it still loads
+    old = json.loads(ModelConfig(**{kind: quant}).to_json())
+    old[field] = 2
+    assert getattr(ModelConfig.from_dict(old), field) == fixed
+    with pytest.raises(ValueError, match=f"{field}=4: {quant} has no bit-width"):
+        ModelConfig(**{kind: quant, field: 4})
+
+
+def test_an_unfixed_quantizer_keeps_the_default_and_given_bits():
+    assert ModelConfig().w_bits == 2 and ModelConfig().a_bits == 2
+    assert ModelConfig(w_bits=4, a_bits=8).w_bits == 4

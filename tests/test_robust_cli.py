@@ -23,6 +23,8 @@ BAD_FLAGS = [
     (["--w-quant", "xnor", "--w-bits", "2"], "--w-bits"), (["--w-quant", "xnor", "--w-bits", "4"], "--w-bits"),
     (["--a-quant", "sign", "--a-bits", "4"], "--a-bits"), (["--a-quant", "sign", "--a-bits", "2"], "--a-bits"),
     (["--a-quant", "none", "--a-bits", "2"], "--a-bits"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--momentum", "1"], "--momentum"), (["--momentum", "2"], "--momentum"),
 ]
 
 

@@ -15,6 +15,11 @@ from typing import Optional
 MODES = ("exp", "lp", "fp")  # EXP-Net (expanded), the low-precision baseline, full precision
 INPUT_SIZE = {"svhn_net": 40, "vgg16_bn": 32, "alexnet_bn": 224, "preresnet20": 32, "resnet18": 224}
 VERSION = 1
+#: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
+FIXED_BITS = {"xnor": 1, "sign": 1, "none": 32}
+FIXED_BITS_WHY = {"xnor": "XNOR weights are binary", "sign": "sign activations are binary",
+                  "none": "'none' leaves them full precision"}
+DEFAULT_BITS = 2
 
 
 @dataclass
@@ -34,9 +39,9 @@ class ModelConfig:
     mode: str = "exp"
     expand_layers: str = "all"
     w_quant: str = "dorefa"
-    w_bits: int = 2
+    w_bits: Optional[int] = None  # None: DEFAULT_BITS, or the fixed width of xnor / sign / none
     a_quant: str = "dorefa"
-    a_bits: int = 2
+    a_bits: Optional[int] = None
     scheme: int = 2
     combine: str = "add"
     fp_ratio: float = 1.0
@@ -51,6 +56,8 @@ class ModelConfig:
             raise ValueError(f"width must be a number in (0, 4], got {self.width!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
+        self.w_bits = _resolve_bits("w_bits", self.w_quant, self.w_bits)
+        self.a_bits = _resolve_bits("a_bits", self.a_quant, self.a_bits)
         self.expand_layers = str(self.expand_layers)
         self.expanded_set()  # validates the syntax now, not at build time
 
@@ -102,3 +109,14 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _resolve_bits(name: str, kind: str, bits):
+    """The bit-width a config records: the fixed one for a quantizer that has no choice (also
+    when a config written before that rule says DEFAULT_BITS, which such quantizers ignored)."""
+    if kind in FIXED_BITS:
+        if bits in (None, FIXED_BITS[kind], DEFAULT_BITS):
+            return FIXED_BITS[kind]
+        raise ValueError(f"{name}={bits!r}: {kind} has no bit-width to set ({FIXED_BITS_WHY[kind]}); "
+                         f"leave {name} out")
+    return DEFAULT_BITS if bits is None else bits

@@ -31,17 +31,10 @@ from torch import Tensor, nn
 
 from expcuda import _checks, backends, codes
 from expcuda.nn import reference
-from expcuda.nn.quantizers import (A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer,
-                                   check_choice)
+from expcuda.nn.quantizers import A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer
 
 COMBINES = tuple(codes.COMBINES)  # ("add", "sub", "concat"), from the kernels' one table
 SCHEMES = (1, 2)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_geometry(kernel_size, stride, padding, dilation) -> None:
@@ -90,14 +83,14 @@ class LowPrecisionConv2d(nn.Module):
                  activation: bool = True, w_eta: Optional[float] = None,
                  w_granularity: str = "pixel", bn_eps: float = 1e-5, bn_momentum: float = 0.1):
         super().__init__()
-        _positive_int("in_channels", in_channels)
-        _positive_int("out_channels", out_channels)
-        _positive_int("groups", groups)
+        _checks.positive_int("in_channels", in_channels)
+        _checks.positive_int("out_channels", out_channels)
+        _checks.positive_int("groups", groups)
         if in_channels % groups:
             raise ValueError(f"groups must divide in_channels: in_channels={in_channels}, groups={groups}")
         if out_channels % groups:
             raise ValueError(f"groups must divide out_channels: out_channels={out_channels}, groups={groups}")
-        check_choice("a_quant", a_quant, A_QUANTS)
+        _checks.choice("a_quant", a_quant, A_QUANTS)
         _check_geometry(kernel_size, stride, padding, dilation)
         _check_fixed_bits(w_quant, w_bits, a_quant, a_bits)
         for name, value, ok in (("bn_eps", bn_eps, lambda v: v > 0),
@@ -130,7 +123,7 @@ class LowPrecisionConv2d(nn.Module):
         """
         if self.lp_conv.groups != 1:
             raise ValueError("groups must be 1 in a block that takes a concat block's output")
-        self.in_extra = _positive_int("extra", extra)
+        self.in_extra = _checks.positive_int("extra", extra)
         shape = (self.lp_conv.out_channels, extra, *self.lp_conv.kernel_size)
         self.lp_extra = nn.Parameter(_init_like_conv(shape, self.lp_conv.weight))
         self.__dict__["_producer"] = producer
@@ -218,9 +211,9 @@ class ExpandedConv2d(LowPrecisionConv2d):
                          w_quant=w_quant, w_bits=w_bits, a_quant=a_quant, a_bits=a_bits, pool=pool,
                          activation=activation, w_eta=w_eta, w_granularity=w_granularity,
                          bn_eps=bn_eps, bn_momentum=bn_momentum)
-        check_choice("scheme", scheme, SCHEMES)
-        check_choice("combine", combine, COMBINES)
-        check_choice("fp_activation", fp_activation, FP_ACTIVATIONS)
+        _checks.choice("scheme", scheme, SCHEMES)
+        _checks.choice("combine", combine, COMBINES)
+        _checks.choice("fp_activation", fp_activation, FP_ACTIVATIONS)
         if isinstance(fp_ratio, bool) or not isinstance(fp_ratio, (int, float)) or not fp_ratio > 0 \
                 or not math.isfinite(fp_ratio):
             raise ValueError(f"fp_ratio must be a number > 0, got {fp_ratio!r}")

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from expcuda import quant
+from expcuda import _checks, quant
 
 W_QUANTS = ("dorefa", "xnor", "syq", "lsq")
 A_QUANTS = ("dorefa", "sign", "lsq", "none")
@@ -27,33 +27,22 @@ FP_ACTIVATIONS = (None, "none", "relu", "clip")
 ACTIVATIONS = {"dorefa": "clip", "sign": "identity", "lsq": "relu", "none": "relu"}
 
 
-def check_choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-
-
-def check_bits(name: str, bits, lo: int, hi: int, extra=()) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (lo <= bits <= hi or bits in extra):
-        allowed = f"an int in {lo}..{hi}" + "".join(f" or {e}" for e in extra)
-        raise ValueError(f"{name} must be {allowed}, got {bits!r}")
-
-
 def check_w_bits(kind: str, bits) -> None:
     """The weight bit-widths each quantizer implements (xnor is binary and ignores ``bits``)."""
     if kind == "dorefa":
-        check_bits("w_bits", bits, 1, 8)
+        _checks.int_in("w_bits", bits, 1, 8)
     elif kind == "syq":
-        check_bits("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
+        _checks.int_in("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
     elif kind == "lsq":
-        check_bits("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
+        _checks.int_in("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
 
 
 def check_a_bits(kind: str, bits) -> None:
     """The activation bit-widths each quantizer implements (32: DoReFa's clip alone; sign is binary)."""
     if kind == "dorefa":
-        check_bits("a_bits", bits, 1, 8, extra=(32,))
+        _checks.int_in("a_bits", bits, 1, 8, extra=(32,))
     elif kind == "lsq":
-        check_bits("a_bits", bits, 1, 8)
+        _checks.int_in("a_bits", bits, 1, 8)
 
 
 def apply_phi(kind: str, y: Tensor) -> Tensor:
@@ -71,7 +60,7 @@ class WeightQuantizer(nn.Module):
     def __init__(self, kind: str, bits: int, kernel_size: tuple[int, int], *,
                  eta: float | None = None, granularity: str = "pixel"):
         super().__init__()
-        check_choice("w_quant", kind, W_QUANTS)
+        _checks.choice("w_quant", kind, W_QUANTS)
         check_w_bits(kind, bits)
         self.kind, self.bits = kind, bits
         #: False: weights pass unquantized (a progressive stage in full precision);
@@ -79,7 +68,7 @@ class WeightQuantizer(nn.Module):
         self.enabled, self.skip_in_training = True, False
         self._eta_given = eta is not None
         if kind == "syq":
-            check_choice("w_granularity", granularity, ("pixel", "row", "layer"))
+            _checks.choice("w_granularity", granularity, ("pixel", "row", "layer"))
             self.eta = float(eta if eta is not None else (0.0 if bits == 1 else 0.05))
             if not 0.0 <= self.eta < 1.0:
                 raise ValueError(f"w_eta must be in [0, 1), got {eta!r}")
@@ -133,7 +122,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, kind: str, bits: int, activation: bool = True):
         super().__init__()
-        check_choice("a_quant", kind, A_QUANTS)
+        _checks.choice("a_quant", kind, A_QUANTS)
         if not activation and kind != "none":
             raise ValueError(f"a_quant must be 'none' when activation=False (the block ends at its "
                              f"BatchNorm), got {kind!r}")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from expcuda import decay as decay_schedules
-from expcuda._checks import choice as check_choice
+from expcuda import _checks
 from expcuda.models import ModelConfig
+from expcuda.models.config import FIXED_BITS, FIXED_BITS_WHY
 from expcuda.train.presets import PRESETS
 
 OPTIMIZERS = ("adam", "sgd")
@@ -17,10 +18,7 @@ OPTIMIZERS = ("adam", "sgd")
 # Fields that may differ between a run and its resumption: where things are, not what is trained.
 NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
 FLOAT32_MAX = 3.4028234663852886e38
-#: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
-FIXED_BITS = {"xnor": 1, "sign": 1, "none": 32}
-FIXED_BITS_WHY = {"xnor": "XNOR weights are binary", "sign": "sign activations are binary",
-                  "none": "'none' leaves them full precision"}
+SEED_MAX = 2**32 - 1  # numpy's and the data order's seeds are 32-bit; torch takes them as they are
 
 
 def _flag(field: str) -> str:
@@ -108,21 +106,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("decay", self.decay, decay_schedules.SCHEDULES)
+            _checks.positive_int(name, getattr(self, name))
+        _checks.choice("optimizer", self.optimizer, OPTIMIZERS)
+        _checks.choice("decay", self.decay, decay_schedules.SCHEDULES)
         for name in ("limit_train", "limit_test", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{_flag(name)} must be a positive int (or left out), got {value!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"--workers must be an int >= 0, got {self.workers!r}")
+        _checks.int_in("--workers", self.workers, 0)
         if not _finite(self.lr) or not 0 < self.lr <= FLOAT32_MAX:  # the optimizers scale float32 by it
             raise ValueError(f"--lr must be a finite number > 0 (at most {FLOAT32_MAX:.4g}), got {self.lr!r}")
-        for name in ("momentum", "weight_decay"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not _finite(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be a number in [0, 1), got {self.momentum!r}")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        _checks.int_in("--seed", self.seed, 0, SEED_MAX)
         for quant, bits, what in (("w_quant", "w_bits", "weights"), ("a_quant", "a_bits", "activations")):
             kind, value = getattr(self, quant), getattr(self, bits)
             if kind in FIXED_BITS and value != FIXED_BITS[kind]:
