@@ -1,29 +1,15 @@
-// The schemas of the expcuda_C operator library and the Python module expcuda._C.
+// The expcuda_C operator library and the Python module expcuda._C.
 //
 // The CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) register implementations of
-// these schemas; torch's dispatcher picks one by the inputs' device.  The Python wrappers
-// are in expcuda/_backends/compiled.py.  Granularity codes: 0 = layer, 1 = row, 2 = pixel.
+// the schemas; torch's dispatcher picks one by the inputs' device.  The Python wrappers
+// are in expcuda/_backends/compiled.py.
 #include <torch/extension.h>
 
-TORCH_LIBRARY(expcuda_C, m) {
-  // activations: the STE mask comes back packed, 8 storage elements a byte, little-endian bits
-  m.def("dorefa_activation_fwd(Tensor x, int bits) -> (Tensor, Tensor)");
-  m.def("mask_bwd(Tensor grad, Tensor mask) -> Tensor");
-  m.def("sign_activation_fwd(Tensor x) -> (Tensor, Tensor)");
-  // the STE backward recomputing the mask from x: the alternative the benchmarks compare against
-  m.def("dorefa_activation_bwd_recompute(Tensor grad, Tensor x, int bits) -> Tensor");
-  // weights
-  m.def("dorefa_weight_fwd(Tensor w, int bits) -> Tensor");
-  m.def("dorefa_weight_bwd(Tensor grad, Tensor w, int bits) -> Tensor");
-  m.def("xnor_weight_fwd(Tensor w) -> Tensor");
-  m.def("xnor_weight_bwd(Tensor grad, Tensor w) -> Tensor");
-  m.def("syq_weight_fwd(Tensor w, Tensor scales, float eta, int granularity) -> Tensor");
-  m.def("syq_weight_bwd(Tensor grad, Tensor w, Tensor scales, float eta, int granularity)"
-        " -> (Tensor, Tensor)");
-  // LSQ
-  m.def("lsq_fwd(Tensor x, Tensor step, int bits, bool signed) -> Tensor");
-  m.def("lsq_bwd(Tensor grad, Tensor x, Tensor step, int bits, bool signed) -> (Tensor, Tensor)");
-}
+// The library itself; each kernel file defines the schemas of its ops beside their kernels
+// (TORCH_LIBRARY_FRAGMENT: the quantizers in csrc/cpu/quant_cpu.cpp, the block epilogue in
+// csrc/cpu/block_cpu.cpp, the packed convolution in csrc/cpu/packed_cpu.cpp).  The CPU files are
+// always compiled, so every schema exists in every build; the CUDA files add implementations.
+TORCH_LIBRARY(expcuda_C, m) {}
 
 // Importing expcuda._C loads this library, which runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

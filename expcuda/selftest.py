@@ -22,6 +22,7 @@ import torch
 import expcuda
 from expcuda import backends
 from expcuda import quant as Q
+from expcuda.quant import spec
 from expcuda.nn import epilogue
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,15 +49,7 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def sample(shape, dtype, device, lo=-1.5, hi=1.5, seed=0, channels_last=False) -> torch.Tensor:
-    """Random values in [lo, hi] led by exact boundaries and rounding ties (the hard cases)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=gen) * (hi - lo) + lo
-    specials = torch.tensor([0.0, 1.0, -1.0, 0.5, 1 / 6, 0.5 / 3, 2.5 / 3, -0.0])
-    k = min(x.numel(), specials.numel())
-    x.view(-1)[:k] = specials[:k]
-    x = x.to(dtype=dtype, device=device)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
+sample = spec.sample  # the hard-case inputs every case starts from
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -68,43 +61,11 @@ class QuantCase:
     make: Callable  # (dtype, device) -> input tensors
 
 
-def _lsq_inputs(dtype, device):
-    return sample((2, 5, 3, 7), dtype, device, lo=-2, hi=2), torch.tensor(0.17, dtype=dtype, device=device)
-
-
-def _syq_inputs(granularity):
-    def make(dtype, device):
-        w = sample((6, 3, 3, 3), dtype, device)
-        shape = {"pixel": (3, 3), "row": (3,), "layer": ()}[granularity]
-        scales = (torch.rand(shape, generator=torch.Generator().manual_seed(5)) + 0.5).to(dtype=dtype, device=device)
-        return w, scales
-    return make
-
-
 def quant_cases() -> dict[str, list[QuantCase]]:
-    act = lambda dtype, device: (sample((2, 5, 3, 7), dtype, device, lo=-0.5, hi=1.5),)  # noqa: E731
-    act_cl = lambda dtype, device: (sample((2, 5, 3, 7), dtype, device, lo=-0.5, hi=1.5,  # noqa: E731
-                                           channels_last=True),)
-    conv_w = lambda dtype, device: (sample((6, 3, 3, 3), dtype, device),)  # noqa: E731
-    linear_w = lambda dtype, device: (sample((5, 7), dtype, device),)  # noqa: E731
-
-    def bits_fn(op, bits):
-        return lambda t: op(t, bits)
-    cases = {
-        "dorefa_activation": [QuantCase(f"bits={b}", bits_fn(Q.dorefa_activation, b), act) for b in (1, 2, 4, 8)]
-        + [QuantCase("bits=2 channels_last", bits_fn(Q.dorefa_activation, 2), act_cl)],
-        "sign_activation": [QuantCase("", Q.sign_activation, lambda dt, dev: (sample((2, 5, 3, 7), dt, dev),)),
-                            QuantCase("channels_last", Q.sign_activation, act_cl)],
-        "dorefa_weight": [QuantCase(f"bits={b} {kind}", bits_fn(Q.dorefa_weight, b), make)
-                          for b in (1, 2, 4) for kind, make in (("conv", conv_w), ("linear", linear_w))],
-        "xnor_weight": [QuantCase("conv", Q.xnor_weight, conv_w), QuantCase("linear", Q.xnor_weight, linear_w)],
-        "syq_weight": [QuantCase(f"{g} eta={eta}", (lambda g, eta: lambda w, s: Q.syq_weight(w, s, eta, g))(g, eta),
-                                 _syq_inputs(g))
-                       for g in ("pixel", "row", "layer") for eta in (0.0, 0.05)],
-        "lsq": [QuantCase(f"bits={b} signed={s}", (lambda b, s: lambda x, st: Q.lsq(x, st, b, s))(b, s), _lsq_inputs)
-                for b, s in ((2, False), (4, False), (2, True), (4, True))],
-    }
-    assert set(cases) == set(Q.__all__), "the self-check must cover every quantizer of expcuda.quant"
+    """Each public quantizer's cases, as its module in ``expcuda/quant/kinds`` declares them."""
+    cases = {name: [QuantCase(*case) for case in spec.SELFTEST.get(name, [])] for name in Q.__all__}
+    missing = [name for name, found in cases.items() if not found]
+    assert not missing, f"the self-check has no cases for {missing}: declare them with spec.selftest"
     return cases
 
 

@@ -150,6 +150,31 @@ def test_backward_matches_reference(case):
             assert_rel(g.cpu(), w, 1e-5, f"{name} vs cpp")
 
 
+@pytest.mark.parametrize("grad_cl", [True, False], ids=["grad-channels_last", "grad-nchw"])
+@pytest.mark.parametrize("case", CASES[::5] + [dict(fp=False, a_quant="lsq", phi="relu")], ids=case_id)
+def test_channels_last_in_place(case, grad_cl):
+    """A channels_last z is indexed as it is: the output and dz come back channels_last, equal to
+    the reference on the same values (and to the NCHW run)."""
+    args = op_args(shape=(3, 6, 5, 7), **case)
+    cl = args[0].contiguous(memory_format=torch.channels_last)
+    args_cl = [cl] + args[1:]
+    out, mean, var = cuda_fwd(args_cl)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    ref_out, ref_mean, ref_var = epilogue.epilogue_fwd_torch(*args)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-6)
+    assert_mostly_equal(out.contiguous(), ref_out, 1e-5, "out")
+    nchw_out = cuda_fwd(args)[0]
+    assert_mostly_equal(out.contiguous(), nchw_out, 1e-6, "out vs the NCHW run")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEV)
+    if grad_cl:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    got = cuda_bwd(grad, args_cl, mean, var)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, g, w in zip(("dz", "dweight", "dbias", "dstep"), got, torch_bwd(grad.contiguous(), args, mean, var)):
+        assert_rel(g.contiguous(), w, 1e-4, name)
+
+
 SHAPES = [(1, 1, 1, 1), (2, 3, 1, 9), (16, 32, 18, 18), (128, 16, 18, 18), (4, 8, 33, 31)]
 
 

@@ -3,7 +3,7 @@
 import pathlib
 
 from expcuda import codes
-from expcuda._backends import compiled
+from expcuda.quant.kinds import syq
 from expcuda.nn import epilogue
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_every_python_user_reads_the_one_table():
     assert epilogue.COMBINES is codes.TABLES["Combine"]
     assert epilogue.A_QUANT_CODES is codes.TABLES["AQuant"]
     assert epilogue.PHI_CODES is codes.TABLES["Phi"]
-    assert compiled.GRANULARITY_CODE is codes.TABLES["Granularity"]
+    assert syq.GRANULARITY_CODE is codes.TABLES["Granularity"]
 
 
 def test_the_header_names_every_code():

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/codes.h"
+#include "common/epilogue_math.h"
 #include "common/quant_math.h"
 
 // the 8-float vectors below only cross inlined calls, so the ABI note does not apply
@@ -177,14 +178,14 @@ ROW_KERNEL void row_dz(const float* z, const float* g, float m, float is, float 
 
 ROW_KERNEL void normalize(const Norm& nm, int64_t ch, const float* z, float* y, int64_t n) {
   const float m = nm.mean[ch], is = nm.invstd[ch], w = nm.w[ch], b = nm.b[ch];
-  for (int64_t k = 0; k < n; ++k) y[k] = ((z[k] - m) * is) * w + b;
+  for (int64_t k = 0; k < n; ++k) y[k] = em::bn(z[k], m, is, w, b);
 }
 
 ROW_KERNEL void phi_row(int64_t kind, const float* y, float* u, int64_t n) {
   if (kind == kRelu) {
-    for (int64_t k = 0; k < n; ++k) u[k] = (y[k] > 0.f || y[k] != y[k]) ? y[k] : 0.f;
+    for (int64_t k = 0; k < n; ++k) u[k] = em::relu(y[k]);
   } else if (kind == kClip) {
-    for (int64_t k = 0; k < n; ++k) u[k] = qm::clamp(y[k], 0.f, 1.f);
+    for (int64_t k = 0; k < n; ++k) u[k] = em::clip01(y[k]);
   } else {
     for (int64_t k = 0; k < n; ++k) u[k] = y[k];
   }
@@ -194,10 +195,9 @@ ROW_KERNEL void phi_row(int64_t kind, const float* y, float* u, int64_t n) {
 ROW_KERNEL void phi_grad_row(int64_t kind, const float* y, const float* g, float scale, bool scaled, float* out,
                   int64_t n) {
   if (kind == kRelu) {
-    for (int64_t k = 0; k < n; ++k) out[k] = y[k] > 0.f ? (scaled ? g[k] * scale : g[k]) : 0.f;
+    for (int64_t k = 0; k < n; ++k) out[k] = em::relu_keep(y[k]) ? (scaled ? g[k] * scale : g[k]) : 0.f;
   } else if (kind == kClip) {
-    for (int64_t k = 0; k < n; ++k)
-      out[k] = (y[k] >= 0.f) & (y[k] <= 1.f) ? (scaled ? g[k] * scale : g[k]) : 0.f;
+    for (int64_t k = 0; k < n; ++k) out[k] = em::clip01_keep(y[k]) ? (scaled ? g[k] * scale : g[k]) : 0.f;
   } else {
     for (int64_t k = 0; k < n; ++k) out[k] = scaled ? g[k] * scale : g[k];
   }
@@ -207,7 +207,7 @@ ROW_KERNEL void qa_row(const Cfg& c, const float* u, float* out, int64_t n) {
   switch (c.aq) {
     case kDorefa:
       if (c.bits == 32) {
-        for (int64_t k = 0; k < n; ++k) out[k] = qm::clamp(u[k], 0.f, 1.f);
+        for (int64_t k = 0; k < n; ++k) out[k] = em::clip01(u[k]);
       } else {
         const float lv = c.levels;
         for (int64_t k = 0; k < n; ++k) out[k] = qm::dorefa_act(u[k], lv);
@@ -239,9 +239,9 @@ ROW_KERNEL double qa_grad_row(const Cfg& c, const float* u, const float* g, floa
       const float s = c.step, qp = c.qp;
       double ds = 0;
       for (int64_t k = 0; k < n; ++k) {
-        float v = u[k] / s;
-        ds += static_cast<double>(g[k] * qm::lsq_r(v, 0.f, qp));
-        gu[k] = qm::lsq_keep(v, 0.f, qp) ? g[k] : 0.f;
+        float term = 0.f;
+        gu[k] = em::qa_grad(kLsq, qp, s, u[k], g[k], term);
+        ds += static_cast<double>(term);
       }
       return ds;
     }
@@ -257,22 +257,15 @@ ROW_KERNEL void scale_row(float* x, float f, int64_t n) {
 
 ROW_KERNEL void combine_row(int64_t combine, const float* a, const float* b, float* out, int64_t n) {
   if (combine == kAdd) {
-    for (int64_t k = 0; k < n; ++k) out[k] = a[k] + b[k];
+    for (int64_t k = 0; k < n; ++k) out[k] = em::combine(kAdd, a[k], b[k]);
   } else {
-    for (int64_t k = 0; k < n; ++k) out[k] = a[k] - b[k];
+    for (int64_t k = 0; k < n; ++k) out[k] = em::combine(kSub, a[k], b[k]);
   }
 }
 
 // The channels behind output channel co: LP channel (or -1) and FP channel (or -1).
 inline void sources(const Cfg& c, int64_t co, int64_t& c1, int64_t& c2) {
-  if (!c.fp) { c1 = co; c2 = -1; return; }
-  if (c.combine == kConcat) {
-    c1 = co < c.c_lp ? co : -1;
-    c2 = co < c.c_lp ? -1 : co;
-    return;
-  }
-  c1 = co;
-  c2 = c.c_lp + co;
+  em::sources(c.fp, c.combine, c.c_lp, co, c1, c2);
 }
 
 struct Rows {  // scratch rows for one thread

@@ -682,6 +682,27 @@ std::tuple<Tensor, Tensor> lsq_bwd(const Tensor& grad_in, const Tensor& x, const
 
 }  // namespace
 
+// The quantizers' schemas (granularity codes: csrc/common/codes.h).
+TORCH_LIBRARY_FRAGMENT(expcuda_C, m) {
+  // activations: the STE mask comes back packed, 8 storage elements a byte, little-endian bits
+  m.def("dorefa_activation_fwd(Tensor x, int bits) -> (Tensor, Tensor)");
+  m.def("mask_bwd(Tensor grad, Tensor mask) -> Tensor");
+  m.def("sign_activation_fwd(Tensor x) -> (Tensor, Tensor)");
+  // the STE backward recomputing the mask from x: the alternative the benchmarks compare against
+  m.def("dorefa_activation_bwd_recompute(Tensor grad, Tensor x, int bits) -> Tensor");
+  // weights
+  m.def("dorefa_weight_fwd(Tensor w, int bits) -> Tensor");
+  m.def("dorefa_weight_bwd(Tensor grad, Tensor w, int bits) -> Tensor");
+  m.def("xnor_weight_fwd(Tensor w) -> Tensor");
+  m.def("xnor_weight_bwd(Tensor grad, Tensor w) -> Tensor");
+  m.def("syq_weight_fwd(Tensor w, Tensor scales, float eta, int granularity) -> Tensor");
+  m.def("syq_weight_bwd(Tensor grad, Tensor w, Tensor scales, float eta, int granularity)"
+        " -> (Tensor, Tensor)");
+  // LSQ
+  m.def("lsq_fwd(Tensor x, Tensor step, int bits, bool signed) -> Tensor");
+  m.def("lsq_bwd(Tensor grad, Tensor x, Tensor step, int bits, bool signed) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(expcuda_C, CPU, m) {
   m.impl("dorefa_activation_fwd", &dorefa_activation_fwd);
   m.impl("mask_bwd", &mask_bwd);

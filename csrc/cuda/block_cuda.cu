@@ -3,7 +3,9 @@
 // defines (expcuda/nn/epilogue.py documents the op; the codes are the same).
 //
 // z (N, C, H, W) holds the stacked convolution output: channels [0, c_lp) the low-precision
-// branch, [c_lp, C) the full-precision branch (none when C == c_lp).  Storage float32,
+// branch, [c_lp, C) the full-precision branch (none when C == c_lp).  NCHW-contiguous or
+// channels_last, indexed in place (other strides are copied to NCHW); the output and the
+// gradients have z's layout.  Storage float32,
 // float16 or bfloat16; every computation is float32 (sums in double), as in the reference.
 //
 // Forward: (1) per-channel partial sums of d = z - shift and d^2 in double over (N, H, W),
@@ -30,6 +32,7 @@
 #include <cstdint>
 
 #include "common/codes.h"
+#include "common/epilogue_math.h"
 #include "common/quant_math.h"
 
 namespace expcuda {
@@ -85,6 +88,7 @@ Divider make_div(int64_t d, int64_t max_x) {
 struct Cfg {
   int64_t n, c_tot, c_lp, c_out, hw;
   int scheme, combine, aq, phi, psi, bits;
+  bool cl;            // z, the output and their gradients are channels_last (else NCHW-contiguous)
   float levels;       // DoReFa's n, LSQ's Qp
   const float* f;     // the factor f, a float32 scalar on the device
   const float* step;  // LSQ's step on the device, nullptr otherwise
@@ -135,56 +139,32 @@ __device__ __forceinline__ Chan make_chan(float mean, float var, float w, float 
   return Chan{mean, 1.f / sqrtf(var + eps), w, b};  // epilogue.invstd: IEEE sqrt, IEEE division
 }
 
-// The channels behind output channel co: LP channel (or -1) and FP channel (or -1).
+// The per-element math (BatchNorm, phi, the combine, Qa and its STE): common/epilogue_math.h.
 __device__ __forceinline__ void sources(const Cfg& c, int64_t co, int64_t& c1, int64_t& c2) {
-  if (c.c_tot == c.c_lp) {
-    c1 = co;
-    c2 = -1;
-  } else if (c.combine == kConcat) {
-    c1 = co < c.c_lp ? co : -1;
-    c2 = co < c.c_lp ? -1 : co;
-  } else {
-    c1 = co;
-    c2 = c.c_lp + co;
-  }
+  em::sources(c.c_tot != c.c_lp, c.combine, c.c_lp, co, c1, c2);
 }
 
-__device__ __forceinline__ float phi_fwd(int kind, float y) {
-  if (kind == kRelu) return (y > 0.f || y != y) ? y : 0.f;
-  if (kind == kClip) return qm::clamp(y, 0.f, 1.f);
-  return y;
-}
+__device__ __forceinline__ float qa_fwd(const Cfg& c, float u, float s) { return em::qa(c.aq, c.bits, c.levels, s, u); }
 
-__device__ __forceinline__ bool phi_keep(int kind, float y) {
-  if (kind == kRelu) return y > 0.f;
-  if (kind == kClip) return (y >= 0.f) & (y <= 1.f);
-  return true;
-}
-
-__device__ __forceinline__ float combine2(int combine, float a, float b) {
-  return combine == kAdd ? a + b : a - b;
-}
-
-__device__ __forceinline__ float qa_fwd(const Cfg& c, float u, float s) {
-  switch (c.aq) {
-    case kDorefa: return c.bits == 32 ? qm::clamp(u, 0.f, 1.f) : qm::dorefa_act(u, c.levels);
-    case kSign: return qm::sign(u);
-    case kLsq: return qm::lsq_fwd(u, s, 0.f, c.levels);
-    default: return u;
-  }
-}
-
-// Qa's STE on input u: the gradient reaching u; ds gets LSQ's step-gradient term.
 __device__ __forceinline__ float qa_grad(const Cfg& c, float u, float g, float s, float& ds) {
-  switch (c.aq) {
-    case kDorefa: return qm::dorefa_act_keep(u) ? g : 0.f;
-    case kSign: return qm::sign_act_keep(u) ? g : 0.f;
-    case kLsq: {
-      const float v = u / s;
-      ds = g * qm::lsq_r(v, 0.f, c.levels);
-      return qm::lsq_keep(v, 0.f, c.levels) ? g : 0.f;
-    }
-    default: return g;
+  return em::qa_grad(c.aq, c.levels, s, u, g, ds);
+}
+
+// The storage index of element (i, ch, k) (k = y * W + x) of a tensor with `channels` channels.
+__device__ __forceinline__ int64_t at_(const Cfg& c, int64_t i, int64_t ch, int64_t k, int64_t channels) {
+  return c.cl ? (i * c.hw + k) * channels + ch : (i * channels + ch) * c.hw + k;
+}
+
+// (i, co, k) of the output element at storage index idx.
+__device__ __forceinline__ void locate(const Cfg& c, const Divider& by_hw, const Divider& by_cout, int64_t idx,
+                                       int64_t& i, int64_t& co, int64_t& k) {
+  int64_t r;
+  if (c.cl) {
+    by_cout.divmod(idx, r, co);
+    by_hw.divmod(r, i, k);
+  } else {
+    by_hw.divmod(idx, r, k);
+    by_cout.divmod(r, i, co);
   }
 }
 
@@ -197,12 +177,12 @@ __device__ __forceinline__ float load(const T* p, int64_t i) {
 __device__ __forceinline__ float forward_value(const Cfg& c, const Chan& p1, const Chan& p2, bool has1,
                                                bool has2, float z1, float z2, float f, float s) {
   float u = 0.f, v = 0.f;
-  if (has1) u = phi_fwd(c.phi, ((z1 - p1.mean) * p1.invstd) * p1.w + p1.b);
-  if (has2) v = phi_fwd(c.psi, ((z2 - p2.mean) * p2.invstd) * p2.w + p2.b) * f;
+  if (has1) u = em::phi(c.phi, em::bn(z1, p1.mean, p1.invstd, p1.w, p1.b));
+  if (has2) v = em::phi(c.psi, em::bn(z2, p2.mean, p2.invstd, p2.w, p2.b)) * f;
   if (!has2) return qa_fwd(c, u, s);
   if (!has1) return c.scheme == 2 ? v : qa_fwd(c, v, s);  // a concat FP channel
-  if (c.scheme == 2) return combine2(c.combine, qa_fwd(c, u, s), v);
-  return qa_fwd(c, combine2(c.combine, u, v), s);
+  if (c.scheme == 2) return em::combine(c.combine, qa_fwd(c, u, s), v);
+  return qa_fwd(c, em::combine(c.combine, u, v), s);
 }
 
 // One output element's backward down to BatchNorm's output: dy of its LP channel (d1) and
@@ -217,14 +197,14 @@ __device__ __forceinline__ Dy backward_value(const Cfg& c, const Chan& p1, const
   Dy r{0.f, 0.f, 0.f, 0.f, 0.f};
   float y1 = 0.f, y2 = 0.f, u = 0.f, v = 0.f;
   if (has1) {
-    r.x1 = (z1 - p1.mean) * p1.invstd;
+    r.x1 = em::xhat(z1, p1.mean, p1.invstd);
     y1 = r.x1 * p1.w + p1.b;
-    u = phi_fwd(c.phi, y1);
+    u = em::phi(c.phi, y1);
   }
   if (has2) {
-    r.x2 = (z2 - p2.mean) * p2.invstd;
+    r.x2 = em::xhat(z2, p2.mean, p2.invstd);
     y2 = r.x2 * p2.w + p2.b;
-    if (c.scheme == 1) v = phi_fwd(c.psi, y2) * f;  // Qa sees psi(y2) * f
+    if (c.scheme == 1) v = em::phi(c.psi, y2) * f;  // Qa sees psi(y2) * f
   }
   float gu = g, gv = g;  // the gradient reaching u (LP) and psi(y2) before f (FP)
   bool negate = false;
@@ -236,11 +216,11 @@ __device__ __forceinline__ Dy backward_value(const Cfg& c, const Chan& p1, const
     gu = qa_grad(c, u, g, s, r.ds);
     negate = c.combine == kSub;
   } else {
-    gu = gv = qa_grad(c, combine2(c.combine, u, v), g, s, r.ds);
+    gu = gv = qa_grad(c, em::combine(c.combine, u, v), g, s, r.ds);
     negate = c.combine == kSub;
   }
-  if (has1) r.d1 = phi_keep(c.phi, y1) ? gu : 0.f;
-  if (has2) r.d2 = phi_keep(c.psi, y2) ? gv * (negate ? -f : f) : 0.f;
+  if (has1) r.d1 = em::phi_keep(c.phi, y1) ? gu : 0.f;
+  if (has2) r.d2 = em::phi_keep(c.psi, y2) ? gv * (negate ? -f : f) : 0.f;
   return r;
 }
 
@@ -252,12 +232,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 stats_partial_kernel(const T* __restrict__ z, Cfg c, Divider by_hw, double* __restrict__ partial) {
   const int64_t ch = blockIdx.x, nb = gridDim.y, count = c.n * c.hw;
-  const double shift = count > 0 ? static_cast<double>(load(z, ch * c.hw)) : 0.0;
+  const double shift = count > 0 ? static_cast<double>(load(z, at_(c, 0, ch, 0, c.c_tot))) : 0.0;
   double acc[2] = {0.0, 0.0};
   for (int64_t j = int64_t(blockIdx.y) * kThreads + threadIdx.x; j < count; j += nb * kThreads) {
     int64_t i, k;
     by_hw.divmod(j, i, k);
-    const double d = static_cast<double>(load(z, (i * c.c_tot + ch) * c.hw + k)) - shift;
+    const double d = static_cast<double>(load(z, at_(c, i, ch, k, c.c_tot))) - shift;
     acc[0] += d;
     acc[1] += d * d;
   }
@@ -309,13 +289,12 @@ forward_kernel(const T* __restrict__ z, const Chan* __restrict__ P, Cfg c, Divid
   const float s = c.aq == kLsq ? *c.step : 1.f;
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * kThreads) {
-    int64_t r, k, i, co, c1, c2;
-    by_hw.divmod(idx, r, k);
-    by_cout.divmod(r, i, co);
+    int64_t k, i, co, c1, c2;
+    locate(c, by_hw, by_cout, idx, i, co, k);
     sources(c, co, c1, c2);
     const bool has1 = c1 >= 0, has2 = c2 >= 0;
-    const float z1 = has1 ? load(z, (i * c.c_tot + c1) * c.hw + k) : 0.f;
-    const float z2 = has2 ? load(z, (i * c.c_tot + c2) * c.hw + k) : 0.f;
+    const float z1 = has1 ? load(z, at_(c, i, c1, k, c.c_tot)) : 0.f;
+    const float z2 = has2 ? load(z, at_(c, i, c2, k, c.c_tot)) : 0.f;
     out[idx] = static_cast<T>(
         forward_value(c, chan_at(P, c1), chan_at(P, c2), has1, has2, z1, z2, f, s));
   }
@@ -339,9 +318,9 @@ bwd_sums_kernel(const T* __restrict__ z, const T* __restrict__ grad, const Chan*
   for (int64_t j = int64_t(blockIdx.y) * kThreads + threadIdx.x; j < count; j += nb * kThreads) {
     int64_t i, k;
     by_hw.divmod(j, i, k);
-    const float g = load(grad, (i * c.c_out + co) * c.hw + k);
-    const float z1 = has1 ? load(z, (i * c.c_tot + c1) * c.hw + k) : 0.f;
-    const float z2 = has2 ? load(z, (i * c.c_tot + c2) * c.hw + k) : 0.f;
+    const float g = load(grad, at_(c, i, co, k, c.c_out));
+    const float z1 = has1 ? load(z, at_(c, i, c1, k, c.c_tot)) : 0.f;
+    const float z2 = has2 ? load(z, at_(c, i, c2, k, c.c_tot)) : 0.f;
     const Dy d = backward_value(c, p1, p2, has1, has2, z1, z2, g, f, s);
     acc[0] += static_cast<double>(d.d1);
     acc[1] += static_cast<double>(d.d1 * d.x1);
@@ -406,12 +385,11 @@ dz_kernel(const T* __restrict__ z, const T* __restrict__ grad, const Chan* __res
   const float s = c.aq == kLsq ? *c.step : 1.f;
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * kThreads) {
-    int64_t r, k, i, co, c1, c2;
-    by_hw.divmod(idx, r, k);
-    by_cout.divmod(r, i, co);
+    int64_t k, i, co, c1, c2;
+    locate(c, by_hw, by_cout, idx, i, co, k);
     sources(c, co, c1, c2);
     const bool has1 = c1 >= 0, has2 = c2 >= 0;
-    const int64_t o1 = (i * c.c_tot + c1) * c.hw + k, o2 = (i * c.c_tot + c2) * c.hw + k;
+    const int64_t o1 = at_(c, i, c1, k, c.c_tot), o2 = at_(c, i, c2, k, c.c_tot);
     const float z1 = has1 ? load(z, o1) : 0.f;
     const float z2 = has2 ? load(z, o2) : 0.f;
     const Dy d = backward_value(c, chan_at(P, c1), chan_at(P, c2), has1, has2, z1, z2,
@@ -466,6 +444,18 @@ Tensor device_scalar(const char* op, const Tensor& t, const char* name, const Te
   return t.to(z.device(), at::kFloat).contiguous();
 }
 
+// Whether the kernels index t as channels_last (an NCHW-contiguous tensor, H = W = 1 included, is not).
+bool channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// t as the kernels read it: as it is when NCHW-contiguous or channels_last, else an NCHW copy.
+Tensor kernel_layout(const Tensor& t) { return channels_last(t) ? t : t.contiguous(); }
+
+at::MemoryFormat format_of(const Cfg& c) {
+  return c.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 void check_z(const char* op, const Tensor& z) {
   TORCH_CHECK(z.defined() && z.is_cuda(), op, ": z must be a CUDA tensor");
   TORCH_CHECK(z.dim() == 4, op, ": z must be (N, C, H, W), got shape ", z.sizes());
@@ -509,6 +499,7 @@ Cfg make_cfg(const char* op, const Tensor& z, const Tensor& f, const c10::option
   c.psi = static_cast<int>(psi);
   c.bits = static_cast<int>(a_bits);
   c.levels = a_bits == 32 ? 1.f : qm::levels(a_bits);
+  c.cl = channels_last(z);
   f_dev = device_scalar(op, f, "f", z);
   c.f = f_dev.const_data_ptr<float>();
   c.step = nullptr;
@@ -527,7 +518,7 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd_cuda(
   const char* op = "block_epilogue_fwd (CUDA)";
   check_z(op, z_in);
   c10::cuda::CUDAGuard guard(z_in.device());
-  const Tensor z = z_in.contiguous();
+  const Tensor z = kernel_layout(z_in);
   Tensor f_dev, step_dev;
   const Cfg c = make_cfg(op, z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi, f_dev, step_dev);
   const Tensor w = per_channel(op, weight, "weight", z, c.c_tot);
@@ -537,7 +528,7 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd_cuda(
   Tensor mean = at::empty({c.c_tot}, fopts);
   Tensor var = at::empty({c.c_tot}, fopts);
   Tensor chans = at::empty({c.c_tot, 4}, fopts);
-  Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options());
+  Tensor out = at::empty({c.n, c.c_out, z.size(2), z.size(3)}, z.options().memory_format(format_of(c)));
   const int64_t count = c.n * c.hw, total = out.numel();
   const int nb = partial_blocks(count);
   Tensor partial = at::empty({c.c_tot * nb * 2}, z.options().dtype(at::kDouble));
@@ -555,7 +546,7 @@ std::tuple<Tensor, Tensor, Tensor> block_epilogue_fwd_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total > 0) {
       forward_kernel<T><<<grid_for(total), kThreads, 0, stream()>>>(
-          zp, P, c, make_div(c.hw, total), make_div(c.c_out, total / c.hw), out.mutable_data_ptr<T>(), total);
+          zp, P, c, make_div(c.hw, total), make_div(c.c_out, total), out.mutable_data_ptr<T>(), total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -570,7 +561,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd_cuda(
   const char* op = "block_epilogue_bwd (CUDA)";
   check_z(op, z_in);
   c10::cuda::CUDAGuard guard(z_in.device());
-  const Tensor z = z_in.contiguous();
+  const Tensor z = kernel_layout(z_in);
   Tensor f_dev, step_dev;
   const Cfg c = make_cfg(op, z, f, step, c_lp, scheme, combine, a_quant, a_bits, phi, psi, f_dev, step_dev);
   check_device(op, grad_in, "grad", z);
@@ -580,7 +571,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd_cuda(
               z.size(3), "), got ", grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == z.scalar_type(), op, ": grad must have z's dtype ",
               z.scalar_type(), ", got ", grad_in.scalar_type());
-  const Tensor grad = grad_in.contiguous();
+  const Tensor grad = grad_in.contiguous(format_of(c));  // the output's layout, as the kernels index it
   const Tensor w = per_channel(op, weight, "weight", z, c.c_tot);
   const Tensor b = per_channel(op, bias, "bias", z, c.c_tot);
   const Tensor m = per_channel(op, mean, "mean", z, c.c_tot);
@@ -592,7 +583,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd_cuda(
   Tensor coefs = at::empty({c.c_tot, 4}, fopts);
   Tensor dweight = at::empty({c.c_tot}, fopts);
   Tensor dbias = at::empty({c.c_tot}, fopts);
-  Tensor dz = at::empty(z.sizes(), z.options());
+  Tensor dz = at::empty(z.sizes(), z.options().memory_format(format_of(c)));
   const int64_t count = c.n * c.hw, total = grad.numel();
   const int nb = partial_blocks(count);
   Tensor partial = at::empty({c.c_out * nb * 5}, dopts);
@@ -617,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_epilogue_bwd_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (total > 0) {
       dz_kernel<T><<<grid_for(total), kThreads, 0, stream()>>>(
-          zp, gp, P, K, c, make_div(c.hw, total), make_div(c.c_out, total / c.hw),
+          zp, gp, P, K, c, make_div(c.hw, total), make_div(c.c_out, total),
           dz.mutable_data_ptr<T>(), total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -11,16 +11,19 @@ import torch
 
 from expcuda.nn import epilogue
 
-from expcuda.codes import GRANULARITY_CODE
-
 
 def _ops():
     return torch.ops.expcuda_C
 
 
 def kernel(name: str):
-    """The function serving op ``name``: a wrapper below where the Python arguments need
-    converting (codes for strings, float32 copies), else ``torch.ops.expcuda_C.<name>`` itself."""
+    """The function serving op ``name``: a quantizer's own wrapper (``expcuda.quant.spec.compiled``)
+    or one below where the Python arguments need converting (codes for strings, float32 copies),
+    else ``torch.ops.expcuda_C.<name>`` itself."""
+    from expcuda.quant import spec
+    if name in spec.COMPILED:
+        wrapper = spec.COMPILED[name]
+        return lambda *args: wrapper(_ops(), *args)
     fn = globals().get(name)
     return fn if callable(fn) else getattr(_ops(), name)
 
@@ -31,14 +34,6 @@ def register(backend: str, dispatch_key: str, names, refuses, layouts=None) -> N
     for name in names:
         if _ext.has_kernel(name, dispatch_key):
             registry.register(name, backend, kernel(name), refuses, layouts)
-
-
-def syq_weight_fwd(w, scales, eta, granularity):
-    return _ops().syq_weight_fwd(w, scales, eta, GRANULARITY_CODE[granularity])
-
-
-def syq_weight_bwd(grad, w, scales, eta, granularity):
-    return _ops().syq_weight_bwd(grad, w, scales, eta, GRANULARITY_CODE[granularity])
 
 
 # --------------------------------------------------------------------------- the block epilogue

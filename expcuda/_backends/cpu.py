@@ -21,8 +21,8 @@ def refuses(device, dtype):
 
 
 if unavailable() is None:
-    from expcuda.quant import ops
-    compiled.register("cpu", "CPU", ops.KERNELS, per_tensor(refuses))
+    from expcuda import quant
+    compiled.register("cpu", "CPU", quant.KERNELS, per_tensor(refuses))
     compiled.register("cpu", "CPU", compiled.EPILOGUE_KERNELS,
                       compiled.epilogue_refuses(refuses, "CPU", "csrc/cpu/block_cpu.cpp", "C++"),
                       layouts=(torch.contiguous_format, torch.channels_last))

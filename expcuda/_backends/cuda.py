@@ -24,13 +24,13 @@ def refuses(device, dtype):
 
 
 if unavailable() is None:
-    from expcuda.quant import ops
-    compiled.register("cuda", "CUDA", ops.KERNELS, per_tensor(refuses))
+    from expcuda import quant
+    compiled.register("cuda", "CUDA", quant.KERNELS, per_tensor(refuses))
     # the local epilogue only (the split passes for synced BatchNorm are the C++ CPU kernel's);
-    # it indexes NCHW-contiguous z
+    # it indexes NCHW-contiguous and channels_last z in place
     compiled.register("cuda", "CUDA", ("block_epilogue_fwd", "block_epilogue_bwd"),
                       compiled.epilogue_refuses(refuses, "CUDA", "csrc/cuda/block_cuda.cu", "CUDA"),
-                      layouts=(torch.contiguous_format,))
+                      layouts=(torch.contiguous_format, torch.channels_last))
 
 
 __getattr__ = kernel_attributes("cuda")

@@ -7,7 +7,8 @@ and the block epilogue's beside its op in ``expcuda.nn.epilogue``.
 from expcuda import registry
 from expcuda._backends import kernel_attributes
 from expcuda.nn import epilogue
-from expcuda.quant import ops, reference
+from expcuda import quant
+from expcuda.quant import reference, spec
 
 
 def unavailable():
@@ -18,7 +19,8 @@ def refuses(device, dtype):
     return None
 
 
-registry.register_all("reference", reference, ops.KERNELS)
+for _op, _fn in spec.REFERENCE.items():
+    registry.register(_op, "reference", _fn)
 for _op, _fn in epilogue.REFERENCE_KERNELS.items():
     registry.register(_op, "reference", _fn)
 

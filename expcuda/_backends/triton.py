@@ -40,8 +40,8 @@ if unavailable() is None:
     from expcuda._backends import per_tensor
     from expcuda._backends import triton_epilogue
     from expcuda._backends import triton_quant
-    from expcuda.quant import ops
-    registry.register_all("triton", triton_quant, ops.KERNELS, per_tensor(refuses))
+    from expcuda import quant
+    registry.register_all("triton", triton_quant, quant.KERNELS, per_tensor(refuses))
     registry.register("block_epilogue_fwd", "triton", triton_epilogue.forward, per_tensor(refuses),
                       layouts=(torch.contiguous_format, torch.channels_last))
     registry.register("block_epilogue_bwd", "triton", triton_epilogue.backward, per_tensor(refuses),

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from expcuda.methods import units
+from expcuda.quant import WEIGHT_KINDS
 from expcuda.nn.quantizers import check_a_bits, check_w_bits
 
 FP = 32  # a stage's bits for "not quantized"
 SCALES = ("reinit", "carry")
-BINARY = {"xnor": "w", "sign": "a"}  # quantizers with one bit-width only
+#: quantizers with one bit-width only, and the side they quantize
+BINARY = {**{k.name: "w" for k in WEIGHT_KINDS.values() if k.bits is None}, "sign": "a"}
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class ProgressiveSchedule:
         for wq, weight in units.weight_quantizers(model):
             wq.enabled = stage.w_bits != FP
             if wq.enabled:
-                wq.set_bits(stage.w_bits if wq.kind != "xnor" else wq.bits, weight if reinit else None)
+                wq.set_bits(stage.w_bits if BINARY.get(wq.kind) != "w" else wq.bits, weight if reinit else None)
         for aq in units.activation_quantizers(model):
             aq.enabled = stage.a_bits != FP
             if aq.enabled and aq.kind != "sign":

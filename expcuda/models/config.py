@@ -12,13 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from expcuda.quant import WEIGHT_KINDS
+
 MODES = ("exp", "lp", "fp")  # EXP-Net (expanded), the low-precision baseline, full precision
 INPUT_SIZE = {"svhn_net": 40, "vgg16_bn": 32, "alexnet_bn": 224, "preresnet20": 32, "resnet18": 224}
 VERSION = 1
 #: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
-FIXED_BITS = {"xnor": 1, "sign": 1, "none": 32}
-FIXED_BITS_WHY = {"xnor": "XNOR weights are binary", "sign": "sign activations are binary",
-                  "none": "'none' leaves them full precision"}
+FIXED_BITS = {**{k.name: 1 for k in WEIGHT_KINDS.values() if k.bits is None}, "sign": 1, "none": 32}
+FIXED_BITS_WHY = {**{k.name: k.binary_why for k in WEIGHT_KINDS.values() if k.bits is None},
+                  "sign": "sign activations are binary", "none": "'none' leaves them full precision"}
 DEFAULT_BITS = 2
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from expcuda import _checks, backends, codes
+from expcuda import _checks, backends, codes, quant
 from expcuda.nn import reference
 from expcuda.nn.quantizers import A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer
 
@@ -50,9 +50,11 @@ def _check_geometry(kernel_size, stride, padding, dilation) -> None:
 
 def _check_fixed_bits(w_quant: str, w_bits, a_quant: str, a_bits) -> None:
     """Binary quantizers have no bit-width: 1, or the blocks' shared default 2 (which they ignore)."""
-    for name, kind, bits, binary in (("w_bits", w_quant, w_bits, "xnor"), ("a_bits", a_quant, a_bits, "sign")):
-        if kind == binary and bits not in (1, 2):
-            raise ValueError(f"{name}={bits!r}: {binary} is binary, it takes no bit-width; pass {name}=1 "
+    w_binary = quant.WEIGHT_KINDS[w_quant].bits is None if w_quant in quant.WEIGHT_KINDS else False
+    for name, kind, bits, binary in (("w_bits", w_quant, w_bits, w_binary), ("a_bits", a_quant, a_bits,
+                                                                          a_quant == "sign")):
+        if binary and bits not in (1, 2):
+            raise ValueError(f"{name}={bits!r}: {kind} is binary, it takes no bit-width; pass {name}=1 "
                              "or leave it out")
 
 

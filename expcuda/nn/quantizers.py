@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from expcuda import _checks, quant
 
-W_QUANTS = ("dorefa", "xnor", "syq", "lsq")
+#: the weight quantizers by name, in the order of their declarations (``expcuda.quant.WEIGHT_KINDS``)
+W_QUANTS = tuple(sorted(quant.WEIGHT_KINDS, key=lambda name: quant.WEIGHT_KINDS[name].order))
 A_QUANTS = ("dorefa", "sign", "lsq", "none")
 FP_ACTIVATIONS = (None, "none", "relu", "clip")
 
@@ -28,13 +29,10 @@ ACTIVATIONS = {"dorefa": "clip", "sign": "identity", "lsq": "relu", "none": "rel
 
 
 def check_w_bits(kind: str, bits) -> None:
-    """The weight bit-widths each quantizer implements (xnor is binary and ignores ``bits``)."""
-    if kind == "dorefa":
-        _checks.int_in("w_bits", bits, 1, 8)
-    elif kind == "syq":
-        _checks.int_in("w_bits", bits, 1, 2)  # SYQ is binary (1) or ternary (2)
-    elif kind == "lsq":
-        _checks.int_in("w_bits", bits, 2, 8)  # signed LSQ needs at least 2 bits
+    """The weight bit-widths each quantizer implements (a binary one, bits=None, ignores ``bits``)."""
+    allowed = quant.WEIGHT_KINDS[kind].bits
+    if allowed is not None:
+        _checks.int_in("w_bits", bits, *allowed)
 
 
 def check_a_bits(kind: str, bits) -> None:
@@ -55,7 +53,8 @@ def apply_phi(kind: str, y: Tensor) -> Tensor:
 
 
 class WeightQuantizer(nn.Module):
-    """``Qw``: dorefa (k bits), xnor (binary, per-filter scale), syq (learned scales), lsq (learned step)."""
+    """``Qw`` by name: each kind's parameters and call are its ``expcuda.quant.WEIGHT_KINDS`` entry
+    (dorefa: k bits; xnor: binary, per-filter scale; syq: learned scales; lsq: learned step)."""
 
     def __init__(self, kind: str, bits: int, kernel_size: tuple[int, int], *,
                  eta: float | None = None, granularity: str = "pixel"):
@@ -67,17 +66,11 @@ class WeightQuantizer(nn.Module):
         #: ``skip_in_training``: unquantized in training mode only (stochastic precision).
         self.enabled, self.skip_in_training = True, False
         self._eta_given = eta is not None
-        if kind == "syq":
-            _checks.choice("w_granularity", granularity, ("pixel", "row", "layer"))
-            self.eta = float(eta if eta is not None else (0.0 if bits == 1 else 0.05))
-            if not 0.0 <= self.eta < 1.0:
-                raise ValueError(f"w_eta must be in [0, 1), got {eta!r}")
-            self.granularity = granularity
-            shape = {"pixel": tuple(kernel_size), "row": (kernel_size[0],), "layer": ()}[granularity]
-            self.scales = nn.Parameter(torch.ones(shape))
-        elif kind == "lsq":
-            self.step = nn.Parameter(torch.ones(()))
-        # xnor: binary by definition, w_bits is not used
+        self._spec.setup(self, kernel_size, eta, granularity)
+
+    @property
+    def _spec(self):
+        return quant.WEIGHT_KINDS[self.kind]
 
     @property
     def quantizing(self) -> bool:
@@ -88,30 +81,19 @@ class WeightQuantizer(nn.Module):
         learned scales from those weights (else they carry over). SYQ's default threshold follows."""
         check_w_bits(self.kind, bits)
         self.bits = bits
-        if self.kind == "syq" and not self._eta_given:
-            self.eta = 0.0 if bits == 1 else 0.05
+        self._spec.on_bits(self, bits)
         if reinit_from is not None:
             self.init_from(reinit_from)
 
     @torch.no_grad()
     def init_from(self, w: Tensor) -> None:
         """Data-dependent initial scales (SYQ: mean|w|; LSQ: 2*mean|w|/sqrt(Qp), as in the LSQ paper)."""
-        mean_abs = w.detach().abs().mean().clamp_min(1e-8).float()
-        if self.kind == "syq":
-            self.scales.fill_(mean_abs)
-        elif self.kind == "lsq":
-            self.step.fill_(2 * mean_abs / math.sqrt(2 ** (self.bits - 1) - 1))
+        self._spec.init_from(self, w.detach().abs().mean().clamp_min(1e-8).float())
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.quantizing:
             return w
-        if self.kind == "dorefa":
-            return quant.dorefa_weight(w, self.bits)
-        if self.kind == "xnor":
-            return quant.xnor_weight(w)
-        if self.kind == "syq":
-            return quant.syq_weight(w, self.scales.to(w.dtype), self.eta, self.granularity)
-        return quant.lsq(w, self.step.to(w.dtype), self.bits, signed=True)
+        return self._spec.forward(self, w)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}"

@@ -1,6 +1,8 @@
 """Pure-PyTorch quantizer kernels: the definition of correct.
 
-Every other backend (C++ CPU, CUDA, Triton) must reproduce these functions
+The helpers every quantizer's reference kernels share (each quantizer's own
+kernels are in its module in ``expcuda/quant/kinds``, and reachable here by name).
+Every other backend (C++ CPU, CUDA, Triton) must reproduce the reference kernels
 bit for bit, so the order of every floating-point operation below is part of
 the contract and is repeated in ``csrc/common/quant_math.h`` and in the Triton
 kernels.  The rules all backends follow:
@@ -97,16 +99,7 @@ def _filter_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
-# --------------------------------------------------------------------------- DoReFa activations
-
-def dorefa_activation_fwd(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    xf = x.to(F32)
-    if bits == 32:
-        return x.clone(), pack_mask(torch.ones_like(x, dtype=torch.bool))
-    n = levels(bits)
-    y = div(torch.round(torch.clamp(xf, 0.0, 1.0) * n), n)
-    return y.to(x.dtype), pack_mask((xf >= 0) & (xf <= 1))
-
+# --------------------------------------------------------------------------- the packed-mask STE backward
 
 def mask_bwd(grad: Tensor, mask: Tensor) -> Tensor:
     """dx = grad where the packed STE mask is set, else 0 (grad has x's layout)."""
@@ -114,132 +107,11 @@ def mask_bwd(grad: Tensor, mask: Tensor) -> Tensor:
     return torch.where(keep, grad.to(F32), torch.zeros((), dtype=F32)).to(grad.dtype)
 
 
-# --------------------------------------------------------------------------- sign activations
-
-def sign_activation_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
-    xf = x.to(F32)
-    return sign(xf).to(x.dtype), pack_mask(xf.abs() <= 1)
-
-
-# --------------------------------------------------------------------------- DoReFa weights
-
-def dorefa_weight_fwd(w: Tensor, bits: int) -> Tensor:
-    wf = w.to(F32)
-    if bits == 1:
-        e = div(_sum64(wf.abs()), wf.numel()).to(F32)
-        return (sign(wf) * e).to(w.dtype)
-    t = torch.tanh(wf)
-    m = t.abs().amax()
-    if m == 0:
-        return torch.zeros_like(w)
-    n = levels(bits)
-    d = 2 * m
-    x = t / d + 0.5
-    r = torch.round(x * n)
-    return (div(2 * r, n) - 1).to(w.dtype)
-
-
-def dorefa_weight_bwd(grad: Tensor, w: Tensor, bits: int) -> Tensor:
-    g = grad.to(F32)
-    if bits == 1:
-        return g.to(w.dtype, copy=True)
-    t = torch.tanh(w.to(F32))
-    m = t.abs().amax()
-    if m == 0:
-        return torch.zeros_like(w)
-    d = 2 * m
-    g2 = 2 * g
-    q = t / d
-    # d(loss)/d(max|t|), shared evenly by the elements that attain the max
-    s = _sum64(g2 * q)
-    ties = t.abs() == m
-    share = (-2.0 * s / d.to(F64) / ties.sum().to(F64)).to(F32)
-    dt = g2 / d + torch.where(ties, sign(t) * share, torch.zeros((), dtype=F32))
-    return (dt * (1 - t * t)).to(w.dtype)
-
-
-# --------------------------------------------------------------------------- XNOR weights
-
-def _xnor_alpha(wf: Tensor) -> Tensor:
-    dims = _filter_dims(wf)
-    n = math.prod(wf.shape[1:])
-    return div(_sum64(wf.abs(), dims), n).to(F32).view(-1, *([1] * len(dims)))
-
-
-def xnor_weight_fwd(w: Tensor) -> Tensor:
-    wf = w.to(F32)
-    return (sign(wf) * _xnor_alpha(wf)).to(w.dtype)
-
-
-def xnor_weight_bwd(grad: Tensor, w: Tensor) -> Tensor:
-    wf, g = w.to(F32), grad.to(F32)
-    dims = _filter_dims(wf)
-    n = math.prod(wf.shape[1:])
-    s = sign(wf)
-    alpha = _xnor_alpha(wf)
-    t = div(_sum64(s * g, dims), n).to(F32).view_as(alpha)
-    direct = torch.where(wf.abs() <= 1, alpha * g, torch.zeros((), dtype=F32))
-    return (direct + s * t).to(w.dtype)
-
-
-# --------------------------------------------------------------------------- SYQ weights
-
-def _syq_view(scales: Tensor, granularity: str) -> Tensor:
-    """scales broadcast against a (out, in, kh, kw) weight (or any weight for 'layer')."""
-    s = scales.to(F32)
-    if granularity == "row":
-        return s.view(-1, 1)
-    return s
-
-
-def syq_weight_fwd(w: Tensor, scales: Tensor, eta: float, granularity: str) -> Tensor:
-    wf = w.to(F32)
-    thr = torch.tensor(eta, dtype=F32) * wf.abs().amax()
-    keep = (wf.abs() > thr).to(F32)
-    return ((sign(wf) * keep) * _syq_view(scales, granularity)).to(w.dtype)
-
-
-def syq_weight_bwd(grad: Tensor, w: Tensor, scales: Tensor, eta: float,
-                   granularity: str) -> tuple[Tensor, Tensor]:
-    wf, g = w.to(F32), grad.to(F32)
-    thr = torch.tensor(eta, dtype=F32) * wf.abs().amax()
-    keep = wf.abs() > thr
-    dw = (_syq_view(scales, granularity) * g).to(w.dtype)
-    contrib = torch.where(keep, sign(wf) * g, torch.zeros((), dtype=F32))
-    if granularity == "layer":
-        ds = _sum64(contrib)
-    elif granularity == "row":
-        ds = _sum64(contrib, (0, 1, 3))
-    else:
-        ds = _sum64(contrib, (0, 1))
-    return dw, ds.to(F32).to(scales.dtype).view_as(scales)
-
-
-# --------------------------------------------------------------------------- LSQ
-
-def lsq_range(bits: int, signed: bool) -> tuple[float, float]:
-    if signed:
-        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2**bits - 1)
-
-
-def lsq_fwd(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
-    qn, qp = lsq_range(bits, signed)
-    s = step.to(F32).reshape(())
-    v = x.to(F32) / s
-    return (torch.round(torch.clamp(v, qn, qp)) * s).to(x.dtype)
-
-
-def lsq_bwd(grad: Tensor, x: Tensor, step: Tensor, bits: int,
-            signed: bool) -> tuple[Tensor, Tensor]:
-    qn, qp = lsq_range(bits, signed)
-    s = step.to(F32).reshape(())
-    g = grad.to(F32)
-    v = x.to(F32) / s
-    inside = (v >= qn) & (v <= qp)
-    zero = torch.zeros((), dtype=F32)
-    dx = torch.where(inside, g, zero).to(x.dtype)
-    r = torch.where(inside, torch.round(v) - v, torch.where(v < qn, qn, qp))
-    total = _sum64(g * r)
-    ds = div(total, math.sqrt(x.numel() * qp)).to(F32)
-    return dx, ds.to(step.dtype).view_as(step)
+def __getattr__(name: str):
+    """A quantizer's reference kernel (they live in its module in ``expcuda/quant/kinds``)."""
+    from expcuda.quant import spec
+    import expcuda.quant  # noqa: F401  (imports every quantizer module)
+    try:
+        return spec.REFERENCE[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

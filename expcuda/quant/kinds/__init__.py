@@ -1,0 +1,1 @@
+"""One module per quantizer (see ``expcuda.quant.spec`` for what each declares)."""
