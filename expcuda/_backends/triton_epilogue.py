@@ -148,6 +148,24 @@ if _REASON is None:
         return xhat, xhat * w + b, m
 
     @triton.jit
+    def _branches(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, c2, hw, c_tot, mask, f,
+                  HAS_FP: tl.constexpr, PHI: tl.constexpr, PSI: tl.constexpr, CL: tl.constexpr):
+        """Both branches of an output element: the LP channel's xhat, y, mask and u = phi(y), the
+        FP channel's xhat, y, mask and fv = psi(y) * f (zeros and an empty mask without one)."""
+        x1, y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
+        u = _phi(y1, PHI)
+        if HAS_FP:
+            x2, y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask,
+                                 CL)
+            fv = _phi(y2, PSI) * f
+        else:
+            x2 = x1 * 0.0
+            y2 = x2
+            m2 = mask & (c2 >= 0)  # c2 is -1: no FP channel
+            fv = x2
+        return x1, y1, m1, u, x2, y2, m2, fv
+
+    @triton.jit
     def _fwd_kernel(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, out_ptr, f_ptr, s_ptr, levels, total, hw,
                     c_out, c_lp, c_tot, SCHEME: tl.constexpr, SUB: tl.constexpr,
                     CONCAT: tl.constexpr, HAS_FP: tl.constexpr, AQ: tl.constexpr,
@@ -158,12 +176,9 @@ if _REASON is None:
         step = tl.load(s_ptr)
         mask = offs < total
         n, k, c1, c2 = _locate(offs, hw, c_out, c_lp, c_tot, HAS_FP, CONCAT, CL)
-        _, y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
-        u = _phi(y1, PHI)
+        _, _, m1, u, _, _, _, fv = _branches(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, c2, hw,
+                                             c_tot, mask, f, HAS_FP, PHI, PSI, CL)
         if HAS_FP:
-            _, y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask,
-                                CL)
-            fv = _phi(y2, PSI) * f
             if CONCAT:
                 if SCHEME == 2:
                     v = tl.where(m1, _qa(u, levels, step, AQ, CLIP_ONLY), fv)
@@ -186,12 +201,9 @@ if _REASON is None:
             CL: tl.constexpr):
         """The STE chain from the output gradient g down to BatchNorm's output: (dy and xhat of
         the LP channel, its mask, the same of the FP channel, LSQ's step-gradient term)."""
-        x1, y1, m1 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, hw, c_tot, mask, CL)
-        u = _phi(y1, PHI)
+        x1, y1, m1, u, x2, y2, m2, fv = _branches(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c1, c2,
+                                                  hw, c_tot, mask, f, HAS_FP, PHI, PSI, CL)
         if HAS_FP:
-            x2, y2, m2 = _load_y(z_ptr, mean_ptr, inv_ptr, w_ptr, b_ptr, n, k, c2, hw, c_tot, mask,
-                                 CL)
-            fv = _phi(y2, PSI) * f
             if SCHEME == 2:
                 gu, rterm = _qa_grad(u, g, levels, step, AQ)
                 gu = tl.where(m1, gu, 0.0)
@@ -205,9 +217,7 @@ if _REASON is None:
             g2 = tl.where(_phi_keep(y2, PSI) & m2, gv * f, 0.0)
         else:
             gu, rterm = _qa_grad(u, g, levels, step, AQ)
-            x2 = x1 * 0.0
-            g2 = x2
-            m2 = mask & (c2 >= 0)  # c2 is -1: no FP channel
+            g2 = x2  # zeros: no FP channel
         g1 = tl.where(_phi_keep(y1, PHI) & m1, gu, 0.0)
         return g1, x1, m1, g2, x2, m2, tl.where(mask, rterm, 0.0)
 
