@@ -53,40 +53,42 @@ tensor_list backward_from_mask(AutogradContext* ctx, const tensor_list& grads, s
   return out;
 }
 
+// y and the packed mask from the forward kernel (`call` on the dense x; an empty x gives empty
+// outputs), saved for backward.
+template <typename Call>
+Tensor masked_forward(AutogradContext* ctx, const Tensor& x_in, Call call) {
+  Tensor x = dense(x_in);
+  Tensor y, mask;
+  if (x.numel() == 0) {
+    y = at::empty_like(x);
+    mask = mask_like(x);
+  } else {
+    std::tie(y, mask) = call(x);
+  }
+  save(ctx, y, mask);
+  return y;
+}
+
 struct DorefaActivationSte : public torch::autograd::Function<DorefaActivationSte> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, int64_t bits) {
-    Tensor x = dense(x_in);
-    Tensor y, mask;
-    if (x.numel() == 0) {
-      y = at::empty_like(x);
-      mask = mask_like(x);
-    } else {
+    return masked_forward(ctx, x_in, [bits](const Tensor& x) {
       static auto fwd = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("expcuda_C::dorefa_activation_fwd", "")
                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>();
-      std::tie(y, mask) = fwd.call(x, bits);
-    }
-    save(ctx, y, mask);
-    return y;
+      return fwd.call(x, bits);
+    });
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) { return backward_from_mask(ctx, grads, 2); }
 };
 
 struct SignActivationSte : public torch::autograd::Function<SignActivationSte> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in) {
-    Tensor x = dense(x_in);
-    Tensor y, mask;
-    if (x.numel() == 0) {
-      y = at::empty_like(x);
-      mask = mask_like(x);
-    } else {
+    return masked_forward(ctx, x_in, [](const Tensor& x) {
       static auto fwd = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("expcuda_C::sign_activation_fwd", "")
                             .typed<std::tuple<Tensor, Tensor>(const Tensor&)>();
-      std::tie(y, mask) = fwd.call(x);
-    }
-    save(ctx, y, mask);
-    return y;
+      return fwd.call(x);
+    });
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) { return backward_from_mask(ctx, grads, 1); }
 };
