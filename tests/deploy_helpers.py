@@ -12,6 +12,7 @@ import torch
 from expcuda import models
 from expcuda.deploy import fold
 
+WIDTH = 0.125  # small enough to train a few hundred steps inside a test
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"))
                                   and not os.path.isfile(os.path.join(FMNIST, "t10k-images-idx3-ubyte")),
@@ -35,13 +36,13 @@ def test_images(n: int = 256):
 @functools.lru_cache(maxsize=None)
 def _trained_state(steps: int, options: tuple):
     torch.manual_seed(0)
-    model = models.svhn_net(0.25, in_channels=1, mode="lp", **dict(options))
+    model = models.svhn_net(WIDTH, in_channels=1, mode="lp", **dict(options))
     train, _ = fmnist()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(len(train), (64,), generator=gen)
+        idx = torch.randint(len(train), (32,), generator=gen)
         x, y = train.batch(idx)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -50,11 +51,11 @@ def _trained_state(steps: int, options: tuple):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def trained(steps: int = 200, **options):
-    """svhn_net(0.25) on 1-channel 40x40 inputs in LP mode (the collapsed form), trained ``steps``
-    steps of batch 64 on real Fashion-MNIST, in eval mode (cached per setting)."""
+def trained(steps: int = 150, **options):
+    """svhn_net(0.125) on 1-channel 40x40 inputs in LP mode (the collapsed form), trained ``steps``
+    steps of batch 32 on real Fashion-MNIST, in eval mode (cached per setting)."""
     state = _trained_state(steps, tuple(sorted(options.items())))
-    model = models.svhn_net(0.25, in_channels=1, mode="lp", **options)
+    model = models.svhn_net(WIDTH, in_channels=1, mode="lp", **options)
     model.load_state_dict(state)
     return model.eval()
 
@@ -84,3 +85,60 @@ def collapsed_trace(model, x):
         for h in hooks:
             h.remove()
     return codes, pre, logits
+
+
+@torch.no_grad()
+def calibrated(width: float = 0.125, seed: int = 0, real: bool = False, granularity: str | None = None,
+               **options):
+    """An untrained svhn_net in LP mode whose BatchNorm statistics are the average over a few batches
+    (random images, or real Fashion-MNIST ones with ``real``), in eval mode: every layer's codes vary.
+    ``granularity`` swaps in SYQ weight quantizers of that granularity (not a ModelConfig option)."""
+    from expcuda.nn.quantizers import WeightQuantizer
+
+    torch.manual_seed(seed)
+    model = models.svhn_net(width, in_channels=1, mode="lp", **options)
+    if granularity is not None:
+        for block in model.features:
+            block.wq = WeightQuantizer("syq", options.get("w_bits", 2), block.lp_conv.kernel_size,
+                                       granularity=granularity)
+            block.wq.init_from(block.lp_conv.weight)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # the plain average of the batches' statistics
+    model.train()
+    for i in range(3):
+        x = fmnist()[0].batch(torch.arange(64 * i, 64 * i + 64))[0] if real else torch.randn(32, 1, 40, 40)
+        model(x)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+def near_step(block, z: torch.Tensor, in_max: float) -> torch.Tensor:
+    """Where a block's float BatchNorm input ``z`` (NHWC, pooled conv output) lies so close to a step
+    of its BatchNorm + quantizer that float32 rounding may put it on either side.
+
+    The steps are ``z = mean + (level - beta) / k``, ``k = gamma / sqrt(var + eps)``, re-derived here
+    from the BatchNorm. The distance allowed is the float32 error bound of the collapsed model's
+    convolution, a sum of n = C*KH*KW products of inputs |a| <= in_max and weights |w| <= max|w|:
+    |fl(sum) - sum| <= (n + 2) * 2**-24 * n * in_max * max|w| (the +2: a and w themselves rounded),
+    plus a few float32 roundings of BatchNorm's own arithmetic (in z units).
+    """
+    aq = block.aq
+    step = float(aq.step) if aq.kind == "lsq" else None
+    levels = torch.tensor(fold.activation_levels(aq.kind, 1 if aq.kind == "sign" else aq.bits, step),
+                          dtype=torch.float64)
+    bn = block.lp_bn
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    k = bn.weight.double() / torch.sqrt(var + bn.eps)
+    beta = bn.bias.double()
+    w = block.wq(block.lp_conv.weight).detach().double()
+    n = w[0].numel()
+    u = 2.0**-24
+    conv_err = (n + 2) * u * n * in_max * float(w.abs().max())
+    safe_k = torch.where(k == 0, torch.ones_like(k), k)
+    steps = mean[:, None] + (levels[None, :] - beta[:, None]) / safe_k[:, None]  # [O, levels]
+    zd = z.double()[..., None]
+    dist = (zd - steps).abs().amin(-1)
+    bn_err = 8 * u * (zd.abs().squeeze(-1) + mean.abs() + (beta / safe_k).abs() + 1 / safe_k.abs())
+    return (dist <= conv_err + bn_err) & (k != 0)

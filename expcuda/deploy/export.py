@@ -31,12 +31,14 @@ def check_collapsed(model: nn.Module) -> None:
     from expcuda.nn import ConcatInput, ExpandedConv2d, LowPrecisionConv2d
     from expcuda.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
+    live = [(n, float(m.f)) for n, m in model.named_modules()
+            if isinstance(m, ExpandedConv2d) and m.expanded and float(m.f) != 0.0]
+    if live:
+        listing = ", ".join(f"layer {n}: f = {f:g}" for n, f in live)
+        raise ExportError(f"{listing} is not 0 yet; finish the decay (or set_f(0)), then "
+                          "expcuda.collapse(model) before exporting")
     for name, m in model.named_modules():
         if isinstance(m, ExpandedConv2d) and m.expanded:
-            f = float(m.f)
-            if f != 0.0:
-                raise ExportError(f"layer {name}: f = {f:g} is not 0 yet; finish the decay (or set_f(0)), "
-                                  "then expcuda.collapse(model) before exporting")
             raise ExportError(f"layer {name} still has its full-precision branch (f = 0): call "
                               "expcuda.collapse(model) before exporting")
         if isinstance(m, ConcatInput) or (isinstance(m, LowPrecisionConv2d) and m.in_extra):
@@ -137,8 +139,6 @@ def pack(model: nn.Module, fp16: bool = False) -> tuple[dict, dict]:
     put("fc.weight", fc.weight, fdt)
     put("fc.bias", fc.bias if fc.bias is not None else torch.zeros(fc.out_features), fdt)
     config["fc"] = {"in_features": fc.in_features, "out_features": fc.out_features, "in_act": act}
-    config["tensors"] = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
-                         for k, v in tensors.items()}
     return config, tensors
 
 
@@ -173,7 +173,9 @@ def _pack_block(name: str, key: str, block, in_act: dict, put) -> dict:
     # channels last for pack_planes: [O, KH, KW, C] -> [O, KH, KW, bits, ceil(C/8)]
     put(f"{key}.planes", pack_planes(codes.permute(0, 2, 3, 1).contiguous(), coding.bits))
     same = gains.shape[1] > 1 and bool((gains == gains[:, :1]).all())
-    put(f"{key}.gain", gains[:, :1] if same else gains)
+    gains = gains[:, :1] if same else gains
+    exact32 = bool((gains.float().double() == gains).all())  # the learned scales are float32 numbers
+    put(f"{key}.gain", gains.float() if exact32 else gains)
     put(f"{key}.thresholds", thr)
     put(f"{key}.direction", direction)
     return {"name": name, "in_channels": cin, "out_channels": o, "kernel_size": list(c.kernel_size),
@@ -191,7 +193,7 @@ def float32_bytes(model: nn.Module) -> int:
 def serialize(config: dict, tensors: dict) -> bytes:
     from safetensors.torch import save
     return save(tensors, metadata={"format": FORMAT, "version": str(VERSION),
-                                   "config": json.dumps(config, sort_keys=True)})
+                                   "config": json.dumps(config, sort_keys=True, separators=(",", ":"))})
 
 
 def export(model: nn.Module, path: str, *, fp16: bool = False, verbose: bool = False) -> dict:

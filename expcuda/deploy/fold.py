@@ -97,6 +97,8 @@ def weight_codes(kind: str, bits: int, wq: Tensor, scales: Tensor | None = None,
         q = torch.round((w + 1) * (n / 2))
         return q.to(torch.uint8), Coding(bits, 2, -n), torch.full((1, o), 1.0 / n, dtype=F64), whole
     if kind == "lsq":
+        if step is None or not step > 0:
+            raise ValueError(f"LSQ weights need a step > 0 to be coded, got {step!r}")
         half = 2 ** (bits - 1)
         q = torch.round(w / float(step)) + half
         return q.to(torch.uint8), Coding(bits, 1, -half), torch.full((1, o), float(step), dtype=F64), whole
@@ -108,15 +110,12 @@ def weight_codes(kind: str, bits: int, wq: Tensor, scales: Tensor | None = None,
         s = scales.detach().to(F64)
         if granularity == "pixel":
             groups = [(i, i + 1, j, j + 1) for i in range(kh) for j in range(kw)]
-            gains = s.reshape(-1, 1).expand(-1, o)
-            # the sign of w relative to its group's scale (a negative scale flips it)
-            unit = sgn * torch.sign(s).view(1, 1, kh, kw)
         elif granularity == "row":
             groups = [(i, i + 1, 0, kw) for i in range(kh)]
-            gains = s.reshape(-1, 1).expand(-1, o)
-            unit = sgn * torch.sign(s).view(1, 1, kh, 1)
         else:
-            groups, gains, unit = whole, s.reshape(1, 1).expand(1, o), sgn * torch.sign(s)
+            groups = whole
+        # |wq| is |scale| wherever wq != 0, so wq = |scale| * sign(wq): the codes carry the sign
+        gains, unit = s.reshape(-1, 1).expand(-1, o), sgn
         gains = gains.abs().clone()
     else:
         # dorefa 1 bit: one |w| for the tensor; xnor: one per output filter

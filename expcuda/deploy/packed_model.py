@@ -191,7 +191,7 @@ def _expected_shapes(config: dict) -> dict[str, tuple[str, list[int]]]:
         o, (kh, kw) = s["out_channels"], s["kernel_size"]
         n = 1 if s["act"]["kind"] == "sign" else 2 ** s["act"]["bits"] - 1
         out[f"layers.{i}.planes"] = ("uint8", [o, kh, kw, s["w_bits"], (s["in_channels"] + 7) // 8])
-        out[f"layers.{i}.gain"] = ("float64", [len(s["groups"]), None])  # 1 or O columns
+        out[f"layers.{i}.gain"] = (("float32", "float64"), [len(s["groups"]), None])  # 1 or O columns
         out[f"layers.{i}.thresholds"] = (("int32", "int64") if s["integer"] else "float64", [o, n])
         out[f"layers.{i}.direction"] = ("int8", [o])
         prev = o
@@ -217,8 +217,9 @@ def _check_tensors(source: str, config: dict, tensors: dict[str, Tensor]) -> Non
             o = config["layers"][int(name.split(".")[1])]["out_channels"]
             want[1] = t.shape[1] if t.dim() == 2 and t.shape[1] in (1, o) else o
         if not ok_dtype or list(t.shape) != want:
+            dtypes = " or ".join(dtype) if isinstance(dtype, tuple) else dtype
             raise PackedFormatError(f"{source}: tensor {name} is {got_dtype} {list(t.shape)} but the config "
-                                    f"implies {dtype} {want}")
+                                    f"implies {dtypes} {want}")
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> PackedModel:
