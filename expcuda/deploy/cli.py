@@ -144,6 +144,6 @@ def main_bench(argv) -> int:
                            batches, ns.min_time)
     except (ValueError, OSError) as exc:
         return _error(exc)
-    print(f"packed model: {source}; {torch.get_num_threads()} threads")
+    print(f"packed file: {source}; {torch.get_num_threads()} threads")
     print(bench.table(rows))
     return 0
