@@ -22,7 +22,7 @@ from expcuda.deploy.export import ExportError, pack
 from expcuda.deploy.packed_model import PackedFormatError, PackedModel
 from tests import deploy_helpers as h
 
-TRAINED = dict(w_bits=2, a_bits=2)  # the paper's default, trained 150 steps in the test
+TRAINED = dict(w_bits=2, a_bits=2)  # the paper's default, trained 300 steps in the test
 QUANTS = {  # on real images with BatchNorm statistics from real images, untrained weights
     "dorefa-w1a1": dict(w_bits=1, a_bits=1),
     "xnor-sign": dict(w_quant="xnor", w_bits=1, a_quant="sign", a_bits=1),
