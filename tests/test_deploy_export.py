@@ -85,7 +85,7 @@ def test_trained_model_reproduced_on_fmnist(tmp_path):
     model = h.trained(**TRAINED)
     x, y = h.test_images(256)
     want = _check_model(model, x, tmp_path)
-    assert (want.argmax(1) == y).float().mean() > 0.6  # a trained model, not a constant one
+    assert (want.argmax(1) == y).float().mean() > 0.4  # trained (chance is 0.1), not a constant model
 
 
 @h.needs_fmnist

@@ -40,7 +40,7 @@ def test_onnxruntime_matches_torch_on_fmnist(tmp_path):
     close = ((got - want).abs() <= 1e-4).all(1)
     assert close.float().mean() >= 0.99, float((got - want).abs().max())
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
-    assert (want.argmax(1) == y).float().mean() > 0.6
+    assert (want.argmax(1) == y).float().mean() > 0.4  # trained: chance is 0.1
     import onnx
     onnx.checker.check_model(onnx.load(path))
 
