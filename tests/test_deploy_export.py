@@ -109,6 +109,24 @@ def test_odd_channels_every_quantizer(name, tmp_path):
         assert not packed.layers[0].spec["integer"] and len(packed.layers[0].spec["groups"]) == 9
 
 
+@torch.no_grad()
+def test_vgg16_bn_pools_after_the_block(tmp_path):
+    torch.manual_seed(0)
+    model = models.vgg16_bn(0.1, mode="lp", w_bits=2, a_bits=2)  # 6..51 channels
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.momentum = None
+    model.train()
+    for _ in range(2):
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    path = str(tmp_path / "vgg.safetensors")
+    expcuda.export(model, path)
+    packed = expcuda.load_packed(path)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    assert _check_layers(model, packed, x) <= 10
+    assert sum(layer.spec["pool"] is not None for layer in packed.layers) == 5  # after convs 2, 4, 7, 10, 13
+
+
 def test_one_bit_svhn_quarter_is_15x_smaller(tmp_path):
     for options in (dict(w_bits=1, a_bits=1), dict(w_quant="xnor", w_bits=1, a_quant="sign", a_bits=1)):
         model = models.svhn_net(0.25, mode="lp", **options).eval()
