@@ -9,6 +9,8 @@ that a convolution of activation codes ``p`` (``a = ga * (ma*p + ca)``) with wei
 where ``S = sum p*q`` and ``T = sum p`` come from ``packed_conv2d``, and ``U = sum q``, ``N`` (the
 in-bounds taps times C) depend only on the weights and the output position (the borders). BatchNorm
 followed by the activation quantizer is a step function of ``acc``: its steps are the thresholds.
+They are always exact; an affine map ``floor(a*acc + b)`` would be exact only when the rounded
+thresholds happen to be evenly spaced, so it is not used.
 """
 
 from __future__ import annotations

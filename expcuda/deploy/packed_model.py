@@ -84,7 +84,7 @@ class PackedConv(nn.Module):
         ma, ca = s["a_code"]["mult"], s["a_code"]["add"]
         mw, cw = s["w_code"]["mult"], s["w_code"]["add"]
         total = None
-        for g, group, (u, n) in zip(range(len(s["groups"])), s["groups"], self.borders(x.shape[1], x.shape[2])):
+        for g, (group, (u, n)) in enumerate(zip(s["groups"], self.borders(x.shape[1], x.shape[2]))):
             S, T = self._group_conv(x, group)
             acc = (ma * mw) * S.to(torch.int64) + (ma * cw) * T.to(torch.int64).unsqueeze(-1)
             if ca:
@@ -96,8 +96,8 @@ class PackedConv(nn.Module):
         return total
 
     def forward(self, x: Tensor) -> Tensor:
-        v = _pool(self.accumulate(x), self.spec["pool"]) * self.direction.to(torch.int64 if self.spec["integer"]
-                                                                              else torch.float64)
+        v = _pool(self.accumulate(x), self.spec["pool"])
+        v = v * self.direction.to(v.dtype)
         o = self.spec["out_channels"]
         if self.thresholds.shape[1] == 1:
             return (v >= self.thresholds[:, 0]).to(torch.uint8)
