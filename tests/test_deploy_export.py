@@ -242,9 +242,11 @@ def test_refuses_until_collapsed_naming_the_layer(tmp_path):
     assert isinstance(expcuda.load_packed(str(path)), PackedModel)
 
 
-def test_refuses_residual_nets_and_switched_off_quantizers(tmp_path):
+def test_refuses_residual_nets_full_precision_activations_and_switched_off_quantizers():
     with pytest.raises(ExportError, match="residual"):
         pack(models.preresnet20(0.25, mode="lp").eval())
+    with pytest.raises(ExportError, match="layer stem: activation quantizer 'dorefa' with 32 bits has no integer code"):
+        pack(models.svhn_net(0.125, mode="lp", a_bits=32).eval())
     model = h.calibrated(0.125)
     model.features[2].wq.enabled = False
     with pytest.raises(ExportError, match=r"features\.2\.wq: the quantizer is switched off"):
