@@ -221,8 +221,10 @@ def test_binary_weights_with_an_exact_zero_are_coded_ternary():
 
 # --------------------------------------------------------------------------- refusals
 
-def test_refuses_until_collapsed_naming_the_layer(tmp_path):
-    model = models.svhn_net(0.125, in_channels=1, mode="exp").eval()
+@pytest.mark.parametrize("combine", ["add", "concat"])
+def test_refuses_until_collapsed_naming_the_layer(tmp_path, combine):
+    options = dict(combine="concat", fp_ratio=0.5) if combine == "concat" else {}
+    model = models.svhn_net(0.125, in_channels=1, mode="exp", **options).eval()
     path = tmp_path / "m.packed.safetensors"
     path.write_bytes(b"previous")
     with pytest.raises(ExportError, match=r"layer features\.0: f = 1, layer features\.1: f = 1, .* is not 0"):
@@ -239,7 +241,11 @@ def test_refuses_until_collapsed_naming_the_layer(tmp_path):
     assert path.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["m.packed.safetensors"]
     expcuda.collapse(model)
     expcuda.export(model, str(path))
-    assert isinstance(expcuda.load_packed(str(path)), PackedModel)
+    packed = expcuda.load_packed(str(path))
+    assert isinstance(packed, PackedModel)
+    x = torch.randn(4, 1, 40, 40, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
 
 
 def test_refuses_residual_nets_full_precision_activations_and_switched_off_quantizers():
