@@ -15,7 +15,7 @@ fi
 
 python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.14.1")' 2>/dev/null \
     || python -m pip install -q torch==2.14.1
-python -m pip install -q numpy tqdm matplotlib safetensors scipy pytest pytest-benchmark pillow
+python -m pip install -q numpy tqdm matplotlib safetensors scipy pytest pytest-benchmark pillow onnx onnxruntime
 
 # the build requirements of pyproject.toml: a build without isolation uses what is installed
 python -m pip install -q "setuptools>=64" wheel ninja

@@ -1,4 +1,4 @@
-"""The ``expcuda`` command: ``expcuda train ...`` and ``expcuda compare ...``."""
+"""The ``expcuda`` command: ``train``, ``compare``, ``export`` and ``bench-infer``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ USAGE = """expcuda <command> [flags]
 commands:
   train     train one network (EXP-Net by default; --baseline, --full-precision)
   compare   train training methods (baseline, EXP-Net, Zhuang et al.'s) with the same seeds, print the table
+  export    write a run's collapsed model bit-packed (and as ONNX with --onnx), print the sizes
+  bench-infer  the packed model against the collapsed float model: images/s and GOP/s, batch 1 and 64
 
 'expcuda <command> --help' lists the flags."""
 
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
         return main_train(rest)
     if command == "compare":
         return main_compare(rest)
+    if command in ("export", "bench-infer"):
+        from expcuda.deploy import cli as deploy_cli
+        return deploy_cli.main_export(rest) if command == "export" else deploy_cli.main_bench(rest)
     print(f"expcuda: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
