@@ -1,0 +1,565 @@
+// Bit-packed integer convolution on the CPU, for the deployed low-precision model.
+//
+// S[n,y,x,o] = sum of p*q and T[n,y,x] = sum of p over the in-bounds taps and channels, where p
+// are uint8 activation codes (NHWC) and q the weight codes stored as bit planes;
+// expcuda/deploy/reference.py is the definition of correct.
+//
+// Each output pixel's in-bounds taps are gathered into one row of K = KH*KW*C code bytes
+// (out-of-bounds taps stay zero, so they add nothing to S or T; T is the row's sum). Rows are
+// then multiplied with the filters in one of two ways:
+//   bitserial: the row is packed into a_bits planes of K bits (planes stay tight across taps,
+//              so few channels waste no bits), each filter into w_bits planes, and
+//              S = sum_ij 2^(i+j) popcount(x_i AND w_j); 1x1 bit is one AND + popcount per word.
+//   dot:       the code bytes times the weight codes as int8 with AVX-512 VNNI vpdpbusd
+//              (weight codes <= 127, so w_bits <= 7).
+// The popcount ISA is picked at run time (AVX-512 VPOPCNTDQ, AVX-512BW nibble lookup, AVX2
+// nibble lookup, scalar); EXPCUDA_PACKED_ISA forces one, EXPCUDA_PACKED_ALGO=bitserial|dot one
+// of the two ways. The file compiles with the default flags: each SIMD function carries its own
+// target attribute and runs only after __builtin_cpu_supports said yes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace expcuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRows = 16;  // output pixels per task: their gathered rows stay in L2
+
+enum class Isa { kScalar, kAvx2, kAvx512bw, kVpopcntdq };
+enum class Algo { kBitserial, kDot };
+
+constexpr Isa kIsas[] = {Isa::kVpopcntdq, Isa::kAvx512bw, Isa::kAvx2, Isa::kScalar};  // best first
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kVpopcntdq: return "vpopcntdq";
+    case Isa::kAvx512bw: return "avx512bw";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+bool cpu_has(Isa isa) {
+  __builtin_cpu_init();
+  const bool bw = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  switch (isa) {
+    case Isa::kVpopcntdq: return bw && __builtin_cpu_supports("avx512vpopcntdq");
+    case Isa::kAvx512bw: return bw;
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2");
+    default: return true;
+  }
+}
+
+bool cpu_has_vnni() {
+  return cpu_has(Isa::kAvx512bw) && __builtin_cpu_supports("avx512vnni");
+}
+
+// The ISA of this call: EXPCUDA_PACKED_ISA when set (read on every call, so tests can switch),
+// else the best one this CPU has.
+Isa pick_isa() {
+  const char* env = std::getenv("EXPCUDA_PACKED_ISA");
+  if (env != nullptr && *env != '\0') {
+    const std::string want(env);
+    for (Isa isa : kIsas) {
+      if (want == isa_name(isa)) {
+        TORCH_CHECK_VALUE(cpu_has(isa), "EXPCUDA_PACKED_ISA=", want,
+                          " was forced but this CPU lacks that instruction set");
+        return isa;
+      }
+    }
+    TORCH_CHECK_VALUE(false, "EXPCUDA_PACKED_ISA must be one of vpopcntdq, avx512bw, avx2, scalar; got '",
+                      want, "'");
+    return Isa::kScalar;
+  }
+  for (Isa isa : kIsas) {
+    if (cpu_has(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+// Which of the two ways is faster by default, from benchmarks/benchmark_packed.py on an AVX-512
+// Xeon: bit-serial costs a_bits*w_bits popcounts per 64 channel-taps, VNNI one vpdpbusd per 4.
+bool dot_is_faster(int64_t a_bits, int64_t w_bits) {
+  return a_bits * w_bits >= 8;
+}
+
+Algo pick_algo(Isa isa, int64_t a_bits, int64_t w_bits) {
+  const bool dot_ok = (isa == Isa::kVpopcntdq || isa == Isa::kAvx512bw) && cpu_has_vnni();
+  const char* env = std::getenv("EXPCUDA_PACKED_ALGO");
+  const std::string want = env == nullptr ? "" : env;
+  if (want == "bitserial") return Algo::kBitserial;
+  if (want == "dot") {
+    TORCH_CHECK_VALUE(dot_ok, "EXPCUDA_PACKED_ALGO=dot needs AVX-512 VNNI and an AVX-512 ISA; "
+                      "this CPU or EXPCUDA_PACKED_ISA=", isa_name(isa), " has none");
+    TORCH_CHECK_VALUE(w_bits <= 7, "EXPCUDA_PACKED_ALGO=dot takes w_bits <= 7 (int8 weight codes), got "
+                      "w_bits=", w_bits);
+    return Algo::kDot;
+  }
+  TORCH_CHECK_VALUE(want.empty() || want == "auto",
+                    "EXPCUDA_PACKED_ALGO must be auto, bitserial or dot; got '", want, "'");
+  return dot_ok && w_bits <= 7 && dot_is_faster(a_bits, w_bits) ? Algo::kDot : Algo::kBitserial;
+}
+
+// ============================================================================ bit packing
+
+// row: kw*64 code bytes; out[i*kw + k]: bit b = bit i of byte 64k+b (the weights' plane layout).
+void pack_scalar(const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+  for (int64_t k = 0; k < kw; ++k) {
+    for (int i = 0; i < bits; ++i) {
+      uint64_t word = 0;
+      for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>((row[64 * k + b] >> i) & 1) << b;
+      out[i * kw + k] = word;
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void pack_avx2(const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+  for (int64_t k = 0; k < kw; ++k) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * k));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * k + 32));
+    for (int i = 0; i < bits; ++i) {
+      const __m128i shift = _mm_cvtsi32_si128(7 - i);  // bit i of every byte to its top bit
+      const uint32_t a = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi16(lo, shift)));
+      const uint32_t b = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi16(hi, shift)));
+      out[i * kw + k] = a | (static_cast<uint64_t>(b) << 32);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void pack_avx512(const uint8_t* row, int64_t kw, int bits,
+                                                              uint64_t* out) {
+  for (int64_t k = 0; k < kw; ++k) {
+    const __m512i v = _mm512_loadu_si512(row + 64 * k);
+    for (int i = 0; i < bits; ++i) {
+      out[i * kw + k] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(static_cast<char>(1 << i)));
+    }
+  }
+}
+
+void pack_row(Isa isa, const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+  switch (isa) {
+    case Isa::kVpopcntdq:
+    case Isa::kAvx512bw: pack_avx512(row, kw, bits, out); break;
+    case Isa::kAvx2: pack_avx2(row, kw, bits, out); break;
+    default: pack_scalar(row, kw, bits, out);
+  }
+}
+
+// ============================================================================ bit-serial tiles
+
+// One tile: 4 rows (row r at x + r*xs, planes [a_bits][kw]) times OBT blocks of 8 filters
+// (block b at w + b*ws, [w_bits][kw][8 lanes]); out[r*OBT*8 + b*8 + l] = S of row r, filter 8b+l.
+
+template <int OBT>
+void bits_scalar(const uint64_t* x, int64_t xs, const uint64_t* w, int64_t ws, int ab, int wb,
+                 int64_t kw, int64_t* out) {
+  for (int r = 0; r < 4; ++r) {
+    for (int b = 0; b < OBT; ++b) {
+      for (int l = 0; l < 8; ++l) {
+        int64_t s = 0;
+        for (int i = 0; i < ab; ++i) {
+          for (int j = 0; j < wb; ++j) {
+            int64_t c = 0;
+            for (int64_t k = 0; k < kw; ++k) {
+              c += __builtin_popcountll(x[r * xs + i * kw + k] & w[b * ws + (j * kw + k) * 8 + l]);
+            }
+            s += c << (i + j);
+          }
+        }
+        out[r * OBT * 8 + b * 8 + l] = s;
+      }
+    }
+  }
+}
+
+// popcount of each byte by two nibble lookups (vpshufb); vpsadbw then sums them per 64-bit lane
+__attribute__((target("avx2"), always_inline)) inline __m256i popcnt64_avx2(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, low)),
+                                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)));
+  return _mm256_sad_epu8(c, _mm256_setzero_si256());
+}
+
+template <int OBT>
+__attribute__((target("avx2"))) void bits_avx2(const uint64_t* x, int64_t xs, const uint64_t* w, int64_t ws,
+                                               int ab, int wb, int64_t kw, int64_t* out) {
+  constexpr int H = 2 * OBT;  // a block of 8 filters is two vectors of 4
+  __m256i tot[4][H];
+  for (int r = 0; r < 4; ++r)
+    for (int h = 0; h < H; ++h) tot[r][h] = _mm256_setzero_si256();
+  for (int i = 0; i < ab; ++i) {
+    for (int j = 0; j < wb; ++j) {
+      __m256i acc[4][H];
+      for (int r = 0; r < 4; ++r)
+        for (int h = 0; h < H; ++h) acc[r][h] = _mm256_setzero_si256();
+      for (int64_t k = 0; k < kw; ++k) {
+        __m256i wv[H];
+        for (int h = 0; h < H; ++h)
+          wv[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (h / 2) * ws + (j * kw + k) * 8 + (h % 2) * 4));
+        for (int r = 0; r < 4; ++r) {
+          const __m256i xb = _mm256_set1_epi64x(static_cast<long long>(x[r * xs + i * kw + k]));
+          for (int h = 0; h < H; ++h)
+            acc[r][h] = _mm256_add_epi64(acc[r][h], popcnt64_avx2(_mm256_and_si256(xb, wv[h])));
+        }
+      }
+      const __m128i shift = _mm_cvtsi32_si128(i + j);
+      for (int r = 0; r < 4; ++r)
+        for (int h = 0; h < H; ++h) tot[r][h] = _mm256_add_epi64(tot[r][h], _mm256_sll_epi64(acc[r][h], shift));
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int h = 0; h < H; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * OBT * 8 + h * 4), tot[r][h]);
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i popcnt64_avx512bw(__m512i v) {
+  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i c = _mm512_add_epi8(_mm512_shuffle_epi8(lut, _mm512_and_si512(v, low)),
+                                    _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), low)));
+  return _mm512_sad_epu8(c, _mm512_setzero_si512());
+}
+
+__attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i popcnt64_vpopcntdq(__m512i v) {
+  return _mm512_popcnt_epi64(v);
+}
+
+// The AVX-512 tile; POPCNT is one of the two popcount functions above (same target set).
+#define EXPCUDA_BITS_AVX512(NAME, TARGET, POPCNT)                                                      \
+  template <int OBT>                                                                                  \
+  __attribute__((target(TARGET))) void NAME(const uint64_t* x, int64_t xs, const uint64_t* w,         \
+                                            int64_t ws, int ab, int wb, int64_t kw, int64_t* out) {  \
+    __m512i tot[4][OBT];                                                                              \
+    for (int r = 0; r < 4; ++r)                                                                       \
+      for (int b = 0; b < OBT; ++b) tot[r][b] = _mm512_setzero_si512();                               \
+    for (int i = 0; i < ab; ++i) {                                                                    \
+      for (int j = 0; j < wb; ++j) {                                                                  \
+        __m512i acc[4][OBT];                                                                          \
+        for (int r = 0; r < 4; ++r)                                                                   \
+          for (int b = 0; b < OBT; ++b) acc[r][b] = _mm512_setzero_si512();                           \
+        for (int64_t k = 0; k < kw; ++k) {                                                            \
+          __m512i wv[OBT];                                                                            \
+          for (int b = 0; b < OBT; ++b) wv[b] = _mm512_loadu_si512(w + b * ws + (j * kw + k) * 8);    \
+          for (int r = 0; r < 4; ++r) {                                                               \
+            const __m512i xb = _mm512_set1_epi64(static_cast<long long>(x[r * xs + i * kw + k]));     \
+            for (int b = 0; b < OBT; ++b)                                                             \
+              acc[r][b] = _mm512_add_epi64(acc[r][b], POPCNT(_mm512_and_si512(xb, wv[b])));           \
+          }                                                                                           \
+        }                                                                                             \
+        const __m128i shift = _mm_cvtsi32_si128(i + j);                                               \
+        for (int r = 0; r < 4; ++r)                                                                   \
+          for (int b = 0; b < OBT; ++b)                                                               \
+            tot[r][b] = _mm512_add_epi64(tot[r][b], _mm512_sll_epi64(acc[r][b], shift));              \
+      }                                                                                               \
+    }                                                                                                 \
+    for (int r = 0; r < 4; ++r)                                                                       \
+      for (int b = 0; b < OBT; ++b) _mm512_storeu_si512(out + r * OBT * 8 + b * 8, tot[r][b]);        \
+  }
+
+// GCC 12 warns about the undefined pass-through operand inside its own _mm512_sll_epi64
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+EXPCUDA_BITS_AVX512(bits_avx512bw, "avx512f,avx512bw", popcnt64_avx512bw)
+EXPCUDA_BITS_AVX512(bits_vpopcntdq, "avx512f,avx512bw,avx512vpopcntdq", popcnt64_vpopcntdq)
+#pragma GCC diagnostic pop
+#undef EXPCUDA_BITS_AVX512
+
+constexpr int kBitBlocks = 2;  // filter blocks of 8 per bit-serial tile (4 rows x 16 filters)
+
+using BitsTile = void (*)(const uint64_t*, int64_t, const uint64_t*, int64_t, int, int, int64_t, int64_t*);
+
+BitsTile bits_tile(Isa isa, bool full) {
+  switch (isa) {
+    case Isa::kVpopcntdq: return full ? bits_vpopcntdq<kBitBlocks> : bits_vpopcntdq<1>;
+    case Isa::kAvx512bw: return full ? bits_avx512bw<kBitBlocks> : bits_avx512bw<1>;
+    case Isa::kAvx2: return full ? bits_avx2<kBitBlocks> : bits_avx2<1>;
+    default: return full ? bits_scalar<kBitBlocks> : bits_scalar<1>;
+  }
+}
+
+// ============================================================================ VNNI tiles
+
+// 4 rows of code bytes (row r at x + r*xs) times OBT blocks of 16 filters (block b at w + b*ws,
+// [k4][16 lanes] dwords of 4 int8 weight codes); out[r*OBT*16 + b*16 + l].
+template <int OBT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs,
+                                                                     const int32_t* w, int64_t ws,
+                                                                     int64_t k4, int32_t* out) {
+  __m512i acc[4][OBT];
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < OBT; ++b) acc[r][b] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < k4; ++k) {
+    __m512i wv[OBT];
+    for (int b = 0; b < OBT; ++b) wv[b] = _mm512_loadu_si512(w + b * ws + k * 16);
+    for (int r = 0; r < 4; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * xs + 4 * k, 4);
+      const __m512i xb = _mm512_set1_epi32(quad);
+      for (int b = 0; b < OBT; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wv[b]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < OBT; ++b) _mm512_storeu_si512(out + r * OBT * 16 + b * 16, acc[r][b]);
+}
+
+constexpr int kDotBlocks = 4;  // filter blocks of 16 per VNNI tile (4 rows x 64 filters)
+
+// ============================================================================ the convolution
+
+struct Geometry {
+  int64_t n, h, w, c, o, kh, kw, stride, pad, ho, wo;
+  int64_t k;    // KH*KW*C codes per gathered row
+  int64_t kp;   // k rounded up to 64 bytes
+  int64_t kwd;  // kp / 64 words per bit plane
+};
+
+// 8 bytes, byte l = bit l of b: spreads one plane byte of 8 channels into 8 code bytes
+struct Spread {
+  uint64_t v[256];
+  Spread() {
+    for (int b = 0; b < 256; ++b) {
+      v[b] = 0;
+      for (int l = 0; l < 8; ++l) v[b] |= static_cast<uint64_t>((b >> l) & 1) << (8 * l);
+    }
+  }
+};
+
+// Filter o's codes as one row of kp bytes in the gathered order (tap-major, then channel).
+void filter_row(const uint8_t* wp, const Geometry& g, int64_t wbits, int64_t o, uint8_t* row) {
+  static const Spread spread;
+  const int64_t cb = (g.c + 7) / 8;
+  std::memset(row, 0, g.kp);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+    const uint8_t* src = wp + (o * g.kh * g.kw + t) * wbits * cb;
+    for (int64_t byte = 0; byte < cb; ++byte) {
+      uint64_t codes = 0;
+      for (int64_t j = 0; j < wbits; ++j) codes |= spread.v[src[j * cb + byte]] << j;
+      std::memcpy(row + t * g.c + 8 * byte, &codes, std::min<int64_t>(8, g.c - 8 * byte));
+    }
+  }
+}
+
+// The gathered codes of output pixel m (row of kp bytes, zero where a tap is out of bounds).
+void gather_row(const uint8_t* xp, const Geometry& g, int64_t m, uint8_t* row) {
+  std::memset(row, 0, g.kp);
+  const int64_t ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
+  const int64_t ix0 = ox * g.stride - g.pad, iy0 = oy * g.stride - g.pad;
+  const int64_t lo = std::max<int64_t>(0, -ix0), hi = std::min<int64_t>(g.kw, g.w - ix0);
+  if (lo >= hi) return;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = iy0 + ky;
+    if (iy < 0 || iy >= g.h) continue;
+    std::memcpy(row + (ky * g.kw + lo) * g.c, xp + ((n * g.h + iy) * g.w + ix0 + lo) * g.c, (hi - lo) * g.c);
+  }
+}
+
+int32_t row_sum(const uint8_t* row, int64_t k) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < k; ++i) s += row[i];
+  return s;
+}
+
+void check_args(const Tensor& x, const Tensor& w, int64_t channels, int64_t a_bits, int64_t w_bits,
+                int64_t stride, int64_t padding) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kByte, "packed_conv2d: x_codes must be a uint8 tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, "packed_conv2d: w_planes must be a uint8 tensor, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(),
+                    "packed_conv2d: x_codes and w_planes must be CPU tensors, got ", x.device(), " and ",
+                    w.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, "packed_conv2d: x_codes must be [N, H, W, C] (NHWC), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 5, "packed_conv2d: w_planes must be [O, KH, KW, w_bits, ceil(C/8)], got shape ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(channels >= 1, "packed_conv2d: channels must be >= 1, got ", channels);
+  TORCH_CHECK_VALUE(x.size(3) == channels, "packed_conv2d: x_codes has ", x.size(3),
+                    " channels (last dim), channels=", channels);
+  TORCH_CHECK_VALUE(a_bits >= 1 && a_bits <= 8, "packed_conv2d: a_bits must be in 1..8, got ", a_bits);
+  TORCH_CHECK_VALUE(w_bits >= 1 && w_bits <= 8, "packed_conv2d: w_bits must be in 1..8, got ", w_bits);
+  TORCH_CHECK_VALUE(w.size(3) == w_bits, "packed_conv2d: w_planes dim 3 must be w_bits=", w_bits, ", got ",
+                    w.size(3));
+  TORCH_CHECK_VALUE(w.size(4) == (channels + 7) / 8, "packed_conv2d: w_planes' last dim must be "
+                    "ceil(channels/8)=", (channels + 7) / 8, ", got ", w.size(4));
+  TORCH_CHECK_VALUE(stride >= 1, "packed_conv2d: stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0, "packed_conv2d: padding must be >= 0, got ", padding);
+  TORCH_CHECK_VALUE(w.size(1) >= 1 && w.size(2) >= 1, "packed_conv2d: w_planes' kernel must be at least "
+                    "1x1, got ", w.size(1), "x", w.size(2));
+  TORCH_CHECK_VALUE(x.size(1) + 2 * padding >= w.size(1) && x.size(2) + 2 * padding >= w.size(2),
+                    "packed_conv2d: the ", w.size(1), "x", w.size(2), " kernel is larger than x_codes' ",
+                    x.size(1), "x", x.size(2), " pixels padded by ", padding);
+  const double worst = static_cast<double>(w.size(1) * w.size(2) * channels) * ((1 << a_bits) - 1) *
+                       ((1 << w_bits) - 1);
+  TORCH_CHECK_VALUE(worst < 2147483648.0, "packed_conv2d: S could overflow int32 (", w.size(1), "x",
+                    w.size(2), " taps x ", channels, " channels at ", a_bits, "/", w_bits, " bits)");
+}
+
+std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor& w_planes, int64_t channels,
+                                             int64_t a_bits, int64_t w_bits, int64_t stride, int64_t padding) {
+  check_args(x_codes, w_planes, channels, a_bits, w_bits, stride, padding);
+  const Tensor x = x_codes.contiguous();
+  const Tensor wt = w_planes.contiguous();
+  if (a_bits < 8 && x.numel() > 0) {
+    const int64_t top = x.max().item<uint8_t>();
+    TORCH_CHECK_VALUE(top < (int64_t{1} << a_bits), "packed_conv2d: x_codes must be < 2**a_bits = ",
+                      int64_t{1} << a_bits, " for a_bits=", a_bits, ", got a code ", top);
+  }
+  Geometry g;
+  g.n = x.size(0), g.h = x.size(1), g.w = x.size(2), g.c = channels;
+  g.o = wt.size(0), g.kh = wt.size(1), g.kw = wt.size(2), g.stride = stride, g.pad = padding;
+  g.ho = (g.h + 2 * padding - g.kh) / stride + 1;
+  g.wo = (g.w + 2 * padding - g.kw) / stride + 1;
+  g.k = g.kh * g.kw * g.c;
+  g.kp = (g.k + 63) / 64 * 64;
+  g.kwd = g.kp / 64;
+  Tensor s_out = at::empty({g.n, g.ho, g.wo, g.o}, x.options().dtype(at::kInt));
+  Tensor t_out = at::empty({g.n, g.ho, g.wo}, x.options().dtype(at::kInt));
+  const int64_t m_total = g.n * g.ho * g.wo;
+  if (m_total == 0) return {s_out, t_out};
+
+  const Isa isa = pick_isa();
+  const Algo algo = pick_algo(isa, a_bits, w_bits);
+  const bool dot = algo == Algo::kDot;
+  const int ab = static_cast<int>(a_bits), wb = static_cast<int>(w_bits);
+  const int64_t lanes = dot ? 16 : 8;
+  const int64_t nblocks = (g.o + lanes - 1) / lanes;
+  const int64_t k4 = g.kp / 4;
+  const int64_t block_words = dot ? k4 * 16 : wb * g.kwd * 8;  // int32 (dot) or uint64 words per block
+  std::vector<uint64_t> wbits(dot ? 0 : nblocks * block_words, 0);
+  std::vector<int32_t> wdot(dot ? nblocks * block_words : 0, 0);
+  const uint8_t* wp = wt.data_ptr<uint8_t>();
+  at::parallel_for(0, g.o, 8, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(g.kp);
+    std::vector<uint64_t> planes(wb * g.kwd);
+    for (int64_t o = begin; o < end; ++o) {
+      filter_row(wp, g, w_bits, o, row.data());
+      if (dot) {
+        int32_t* dst = wdot.data() + (o / 16) * block_words + o % 16;
+        for (int64_t k = 0; k < k4; ++k) std::memcpy(dst + k * 16, row.data() + 4 * k, 4);
+      } else {
+        pack_row(isa, row.data(), g.kwd, wb, planes.data());
+        uint64_t* dst = wbits.data() + (o / 8) * block_words + o % 8;
+        for (int64_t q = 0; q < wb * g.kwd; ++q) dst[q * 8] = planes[q];
+      }
+    }
+  });
+
+  // Tasks: chunks of kRows output pixels, times groups of filter blocks when there are too few
+  // chunks to keep every thread busy (a batch of one, the last layers).
+  const int64_t nchunks = (m_total + kRows - 1) / kRows;
+  const int64_t tile_blocks = dot ? kDotBlocks : kBitBlocks;
+  int64_t group_blocks = std::max<int64_t>(nblocks, 1);
+  if (nchunks < 4 * at::get_num_threads()) group_blocks = tile_blocks;
+  const int64_t ngroups = std::max<int64_t>(1, (nblocks + group_blocks - 1) / group_blocks);
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  int32_t* s_ptr = s_out.data_ptr<int32_t>();
+  int32_t* t_ptr = t_out.data_ptr<int32_t>();
+  const BitsTile bits_full = bits_tile(isa, true), bits_one = bits_tile(isa, false);
+
+  at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(kRows * g.kp);
+    std::vector<uint64_t> xbits(dot ? 0 : kRows * ab * g.kwd);
+    int64_t tile[4 * kBitBlocks * 8];
+    int32_t dtile[4 * kDotBlocks * 16];
+    int64_t gathered = -1;  // the chunk whose rows are in `rows`
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / ngroups, group = task % ngroups;
+      const int64_t m0 = chunk * kRows, nrows = std::min(kRows, m_total - m0);
+      const int64_t nrows4 = (nrows + 3) / 4 * 4;
+      if (gathered != chunk) {
+        for (int64_t r = 0; r < nrows4; ++r) {
+          uint8_t* row = rows.data() + r * g.kp;
+          if (r < nrows) {
+            gather_row(xp, g, m0 + r, row);
+          } else {
+            std::memset(row, 0, g.kp);
+          }
+          if (!dot) pack_row(isa, row, g.kwd, ab, xbits.data() + r * ab * g.kwd);
+        }
+        gathered = chunk;
+      }
+      if (group == 0) {
+        for (int64_t r = 0; r < nrows; ++r) t_ptr[m0 + r] = row_sum(rows.data() + r * g.kp, g.k);
+      }
+      const int64_t b_end = std::min(nblocks, (group + 1) * group_blocks);
+      for (int64_t b0 = group * group_blocks; b0 < b_end; b0 += tile_blocks) {
+        const int64_t nb = std::min(tile_blocks, b_end - b0);
+        for (int64_t r0 = 0; r0 < nrows4; r0 += 4) {
+          const int64_t rn = std::min<int64_t>(4, nrows - r0);
+          if (dot) {
+            const uint8_t* xr = rows.data() + r0 * g.kp;
+            const int32_t* wb0 = wdot.data() + b0 * block_words;
+            if (nb == kDotBlocks) {
+              dot_vnni<kDotBlocks>(xr, g.kp, wb0, block_words, k4, dtile);
+            } else {
+              for (int64_t b = 0; b < nb; ++b) {
+                int32_t one[4 * 16];
+                dot_vnni<1>(xr, g.kp, wb0 + b * block_words, block_words, k4, one);
+                for (int r = 0; r < 4; ++r)
+                  std::memcpy(dtile + r * kDotBlocks * 16 + b * 16, one + r * 16, 16 * sizeof(int32_t));
+              }
+            }
+            for (int64_t r = 0; r < rn; ++r) {
+              const int64_t o_end = std::min(g.o, (b0 + nb) * 16);
+              for (int64_t o = b0 * 16; o < o_end; ++o)
+                s_ptr[(m0 + r0 + r) * g.o + o] = dtile[r * kDotBlocks * 16 + (o - b0 * 16)];
+            }
+          } else {
+            const uint64_t* xr = xbits.data() + r0 * ab * g.kwd;
+            const uint64_t* wb0 = wbits.data() + b0 * block_words;
+            if (nb == kBitBlocks) {
+              bits_full(xr, ab * g.kwd, wb0, block_words, ab, wb, g.kwd, tile);
+            } else {
+              for (int64_t b = 0; b < nb; ++b) {
+                int64_t one[4 * 8];
+                bits_one(xr, ab * g.kwd, wb0 + b * block_words, block_words, ab, wb, g.kwd, one);
+                for (int r = 0; r < 4; ++r)
+                  std::memcpy(tile + r * kBitBlocks * 8 + b * 8, one + r * 8, 8 * sizeof(int64_t));
+              }
+            }
+            for (int64_t r = 0; r < rn; ++r) {
+              const int64_t o_end = std::min(g.o, (b0 + nb) * 8);
+              for (int64_t o = b0 * 8; o < o_end; ++o)
+                s_ptr[(m0 + r0 + r) * g.o + o] = static_cast<int32_t>(tile[r * kBitBlocks * 8 + (o - b0 * 8)]);
+            }
+          }
+        }
+      }
+    }
+  });
+  return {s_out, t_out};
+}
+
+// Which ISA and which way packed_conv2d takes for these bit widths now: "<isa> <algo>".
+std::string packed_conv2d_path(int64_t a_bits, int64_t w_bits) {
+  TORCH_CHECK_VALUE(a_bits >= 1 && a_bits <= 8, "packed_conv2d_path: a_bits must be in 1..8, got ", a_bits);
+  TORCH_CHECK_VALUE(w_bits >= 1 && w_bits <= 8, "packed_conv2d_path: w_bits must be in 1..8, got ", w_bits);
+  const Isa isa = pick_isa();
+  return std::string(isa_name(isa)) + (pick_algo(isa, a_bits, w_bits) == Algo::kDot ? " dot" : " bitserial");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(expcuda_C, m) {
+  m.def("packed_conv2d(Tensor x_codes, Tensor w_planes, int channels, int a_bits, int w_bits, int stride,"
+        " int padding) -> (Tensor, Tensor)");
+  m.def("packed_conv2d_path(int a_bits, int w_bits) -> str", &packed_conv2d_path);
+}
+
+TORCH_LIBRARY_IMPL(expcuda_C, CPU, m) {
+  m.impl("packed_conv2d", &packed_conv2d_cpu);
+}
+
+}  // namespace expcuda
