@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -159,11 +160,11 @@ void pack_row(Isa isa, const uint8_t* row, int64_t kw, int bits, uint64_t* out) 
 // ============================================================================ bit-serial tiles
 
 // One tile: 4 rows (row r at x + r*xs, planes [a_bits][kw]) times OBT blocks of 8 filters
-// (block b at w + b*ws, [w_bits][kw][8 lanes]); out[r*OBT*8 + b*8 + l] = S of row r, filter 8b+l.
+// (block b at w + b*ws, [w_bits][kw][8 lanes]); out[r*os + b*8 + l] = S of row r, filter 8b+l.
 
 template <int OBT>
 void bits_scalar(const uint64_t* x, int64_t xs, const uint64_t* w, int64_t ws, int ab, int wb,
-                 int64_t kw, int64_t* out) {
+                 int64_t kw, int32_t* out, int64_t os) {
   for (int r = 0; r < 4; ++r) {
     for (int b = 0; b < OBT; ++b) {
       for (int l = 0; l < 8; ++l) {
@@ -177,7 +178,7 @@ void bits_scalar(const uint64_t* x, int64_t xs, const uint64_t* w, int64_t ws, i
             s += c << (i + j);
           }
         }
-        out[r * OBT * 8 + b * 8 + l] = s;
+        out[r * os + b * 8 + l] = static_cast<int32_t>(s);
       }
     }
   }
@@ -195,7 +196,7 @@ __attribute__((target("avx2"), always_inline)) inline __m256i popcnt64_avx2(__m2
 
 template <int OBT>
 __attribute__((target("avx2"))) void bits_avx2(const uint64_t* x, int64_t xs, const uint64_t* w, int64_t ws,
-                                               int ab, int wb, int64_t kw, int64_t* out) {
+                                               int ab, int wb, int64_t kw, int32_t* out, int64_t os) {
   constexpr int H = 2 * OBT;  // a block of 8 filters is two vectors of 4
   __m256i tot[4][H];
   for (int r = 0; r < 4; ++r)
@@ -220,9 +221,11 @@ __attribute__((target("avx2"))) void bits_avx2(const uint64_t* x, int64_t xs, co
         for (int h = 0; h < H; ++h) tot[r][h] = _mm256_add_epi64(tot[r][h], _mm256_sll_epi64(acc[r][h], shift));
     }
   }
+  const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);  // the low halves: int64 -> int32
   for (int r = 0; r < 4; ++r)
     for (int h = 0; h < H; ++h)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * OBT * 8 + h * 4), tot[r][h]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * os + h * 4),
+                       _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(tot[r][h], evens)));
 }
 
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i popcnt64_avx512bw(__m512i v) {
@@ -237,11 +240,13 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
   return _mm512_popcnt_epi64(v);
 }
 
-// The AVX-512 tile; POPCNT is one of the two popcount functions above (same target set).
+// The AVX-512 tile; POPCNT is one of the two popcount functions above (same target set). One
+// bit each (the common deployed case) needs no plane weighting: the sums stay in registers.
 #define EXPCUDA_BITS_AVX512(NAME, TARGET, POPCNT)                                                      \
   template <int OBT>                                                                                  \
   __attribute__((target(TARGET))) void NAME(const uint64_t* x, int64_t xs, const uint64_t* w,         \
-                                            int64_t ws, int ab, int wb, int64_t kw, int64_t* out) {  \
+                                            int64_t ws, int ab, int wb, int64_t kw, int32_t* out,     \
+                                            int64_t os) {                                             \
     __m512i tot[4][OBT];                                                                              \
     for (int r = 0; r < 4; ++r)                                                                       \
       for (int b = 0; b < OBT; ++b) tot[r][b] = _mm512_setzero_si512();                               \
@@ -259,6 +264,13 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
               acc[r][b] = _mm512_add_epi64(acc[r][b], POPCNT(_mm512_and_si512(xb, wv[b])));           \
           }                                                                                           \
         }                                                                                             \
+        if (ab == 1 && wb == 1) {                                                                     \
+          for (int r = 0; r < 4; ++r)                                                                 \
+            for (int b = 0; b < OBT; ++b)                                                             \
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * os + b * 8),                   \
+                                  _mm512_cvtepi64_epi32(acc[r][b]));                                  \
+          return;                                                                                     \
+        }                                                                                             \
         const __m128i shift = _mm_cvtsi32_si128(i + j);                                               \
         for (int r = 0; r < 4; ++r)                                                                   \
           for (int b = 0; b < OBT; ++b)                                                               \
@@ -266,7 +278,9 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
       }                                                                                               \
     }                                                                                                 \
     for (int r = 0; r < 4; ++r)                                                                       \
-      for (int b = 0; b < OBT; ++b) _mm512_storeu_si512(out + r * OBT * 8 + b * 8, tot[r][b]);        \
+      for (int b = 0; b < OBT; ++b)                                                                   \
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * os + b * 8),                         \
+                            _mm512_cvtepi64_epi32(tot[r][b]));                                        \
   }
 
 // GCC 12 warns about the undefined pass-through operand inside its own _mm512_sll_epi64
@@ -279,7 +293,8 @@ EXPCUDA_BITS_AVX512(bits_vpopcntdq, "avx512f,avx512bw,avx512vpopcntdq", popcnt64
 
 constexpr int kBitBlocks = 2;  // filter blocks of 8 per bit-serial tile (4 rows x 16 filters)
 
-using BitsTile = void (*)(const uint64_t*, int64_t, const uint64_t*, int64_t, int, int, int64_t, int64_t*);
+using BitsTile = void (*)(const uint64_t*, int64_t, const uint64_t*, int64_t, int, int, int64_t, int32_t*,
+                          int64_t);
 
 BitsTile bits_tile(Isa isa, bool full) {
   switch (isa) {
@@ -293,11 +308,11 @@ BitsTile bits_tile(Isa isa, bool full) {
 // ============================================================================ VNNI tiles
 
 // 4 rows of code bytes (row r at x + r*xs) times OBT blocks of 16 filters (block b at w + b*ws,
-// [k4][16 lanes] dwords of 4 int8 weight codes); out[r*OBT*16 + b*16 + l].
+// [k4][16 lanes] dwords of 4 int8 weight codes); out[r*os + b*16 + l].
 template <int OBT>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs,
                                                                      const int32_t* w, int64_t ws,
-                                                                     int64_t k4, int32_t* out) {
+                                                                     int64_t k4, int32_t* out, int64_t os) {
   __m512i acc[4][OBT];
   for (int r = 0; r < 4; ++r)
     for (int b = 0; b < OBT; ++b) acc[r][b] = _mm512_setzero_si512();
@@ -312,7 +327,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_vnni(const uint8
     }
   }
   for (int r = 0; r < 4; ++r)
-    for (int b = 0; b < OBT; ++b) _mm512_storeu_si512(out + r * OBT * 16 + b * 16, acc[r][b]);
+    for (int b = 0; b < OBT; ++b) _mm512_storeu_si512(out + r * os + b * 16, acc[r][b]);
 }
 
 constexpr int kDotBlocks = 4;  // filter blocks of 16 per VNNI tile (4 rows x 64 filters)
@@ -326,28 +341,24 @@ struct Geometry {
   int64_t kwd;  // kp / 64 words per bit plane
 };
 
-// 8 bytes, byte l = bit l of b: spreads one plane byte of 8 channels into 8 code bytes
-struct Spread {
-  uint64_t v[256];
-  Spread() {
-    for (int b = 0; b < 256; ++b) {
-      v[b] = 0;
-      for (int l = 0; l < 8; ++l) v[b] |= static_cast<uint64_t>((b >> l) & 1) << (8 * l);
-    }
-  }
-};
-
-// Filter o's codes as one row of kp bytes in the gathered order (tap-major, then channel).
-void filter_row(const uint8_t* wp, const Geometry& g, int64_t wbits, int64_t o, uint8_t* row) {
-  static const Spread spread;
+// Filter o's codes as one row of kp bytes in the gathered order (tap-major, then channel), for
+// the VNNI path (so AVX-512BW is there): 64 channels at a time, each plane's 64 bits a byte mask.
+__attribute__((target("avx512f,avx512bw"))) void filter_row(const uint8_t* wp, const Geometry& g,
+                                                             int64_t wbits, int64_t o, uint8_t* row) {
   const int64_t cb = (g.c + 7) / 8;
   std::memset(row, 0, g.kp);
   for (int64_t t = 0; t < g.kh * g.kw; ++t) {
     const uint8_t* src = wp + (o * g.kh * g.kw + t) * wbits * cb;
-    for (int64_t byte = 0; byte < cb; ++byte) {
-      uint64_t codes = 0;
-      for (int64_t j = 0; j < wbits; ++j) codes |= spread.v[src[j * cb + byte]] << j;
-      std::memcpy(row + t * g.c + 8 * byte, &codes, std::min<int64_t>(8, g.c - 8 * byte));
+    for (int64_t c0 = 0; c0 < g.c; c0 += 64) {
+      const int64_t n = std::min<int64_t>(64, g.c - c0);
+      const uint64_t valid = n == 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;  // pad bits: not channels
+      __m512i codes = _mm512_setzero_si512();
+      for (int64_t j = 0; j < wbits; ++j) {
+        uint64_t bits = 0;
+        std::memcpy(&bits, src + j * cb + c0 / 8, (n + 7) / 8);
+        codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(bits & valid, _mm512_set1_epi8(static_cast<char>(1 << j))));
+      }
+      _mm512_mask_storeu_epi8(row + t * g.c + c0, valid, codes);
     }
   }
 }
@@ -366,10 +377,34 @@ void gather_row(const uint8_t* xp, const Geometry& g, int64_t m, uint8_t* row) {
   }
 }
 
-int32_t row_sum(const uint8_t* row, int64_t k) {
-  int32_t s = 0;
-  for (int64_t i = 0; i < k; ++i) s += row[i];
-  return s;
+// ORs the nbits bits of src (little-endian bytes) into the bit string dst from bit pos on.
+void put_bits(uint64_t* dst, int64_t pos, const uint8_t* src, int64_t nbits) {
+  const int64_t nbytes = (nbits + 7) / 8;
+  if (pos % 8 == 0 && nbits % 8 == 0) {  // whole bytes (x86 is little-endian: byte i = bits 8i..)
+    std::memcpy(reinterpret_cast<uint8_t*>(dst) + pos / 8, src, nbytes);
+    return;
+  }
+  for (int64_t i = 0; i < nbytes; ++i) {
+    uint64_t b = src[i];
+    if (i == nbytes - 1 && nbits % 8 != 0) b &= (uint64_t{1} << (nbits % 8)) - 1;  // pad bits: not channels
+    const int64_t p = pos + 8 * i, word = p >> 6, off = p & 63;
+    dst[word] |= b << off;
+    if (off > 56 && (b >> (64 - off)) != 0) dst[word + 1] |= b >> (64 - off);
+  }
+}
+
+// T of output pixel m: the code sums of its in-bounds input pixels.
+int32_t tap_sum(const int32_t* pixel_sums, const Geometry& g, int64_t m) {
+  const int64_t ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
+  const int64_t ix0 = ox * g.stride - g.pad, iy0 = oy * g.stride - g.pad;
+  const int64_t lo = std::max<int64_t>(0, -ix0), hi = std::min<int64_t>(g.kw, g.w - ix0);
+  int32_t t = 0;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = iy0 + ky;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t kx = lo; kx < hi; ++kx) t += pixel_sums[(n * g.h + iy) * g.w + ix0 + kx];
+  }
+  return t;
 }
 
 void check_args(const Tensor& x, const Tensor& w, int64_t channels, int64_t a_bits, int64_t w_bits,
@@ -437,22 +472,53 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   const int64_t nblocks = (g.o + lanes - 1) / lanes;
   const int64_t k4 = g.kp / 4;
   const int64_t block_words = dot ? k4 * 16 : wb * g.kwd * 8;  // int32 (dot) or uint64 words per block
-  std::vector<uint64_t> wbits(dot ? 0 : nblocks * block_words, 0);
-  std::vector<int32_t> wdot(dot ? nblocks * block_words : 0, 0);
+  // the filters in blocks of `lanes`, each block's words interleaved filter by filter (every
+  // word is written: filters past O are zero)
+  std::unique_ptr<uint64_t[]> wbits(new uint64_t[dot ? 0 : nblocks * block_words]);
+  std::unique_ptr<int32_t[]> wdot(new int32_t[dot ? nblocks * block_words : 0]);
   const uint8_t* wp = wt.data_ptr<uint8_t>();
-  at::parallel_for(0, g.o, 8, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> row(g.kp);
-    std::vector<uint64_t> planes(wb * g.kwd);
-    for (int64_t o = begin; o < end; ++o) {
-      filter_row(wp, g, w_bits, o, row.data());
-      if (dot) {
-        int32_t* dst = wdot.data() + (o / 16) * block_words + o % 16;
-        for (int64_t k = 0; k < k4; ++k) std::memcpy(dst + k * 16, row.data() + 4 * k, 4);
-      } else {
-        pack_row(isa, row.data(), g.kwd, wb, planes.data());
-        uint64_t* dst = wbits.data() + (o / 8) * block_words + o % 8;
-        for (int64_t q = 0; q < wb * g.kwd; ++q) dst[q * 8] = planes[q];
+  const int64_t cb = (g.c + 7) / 8, nplane = wb * g.kwd;
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(dot ? lanes * g.kp : 0);
+    std::vector<uint64_t> planes(dot ? 0 : lanes * nplane);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t o = blk * lanes + l;
+        if (dot) {
+          uint8_t* row = rows.data() + l * g.kp;
+          if (o < g.o) {
+            filter_row(wp, g, w_bits, o, row);
+          } else {
+            std::memset(row, 0, g.kp);
+          }
+        } else {  // the planes as they are, tap after tap: no unpacking to codes
+          uint64_t* pl = planes.data() + l * nplane;
+          std::fill(pl, pl + nplane, 0);
+          if (o >= g.o) continue;
+          for (int64_t t = 0; t < g.kh * g.kw; ++t)
+            for (int64_t j = 0; j < wb; ++j)
+              put_bits(pl + j * g.kwd, t * g.c, wp + ((o * g.kh * g.kw + t) * wb + j) * cb, g.c);
+        }
       }
+      if (dot) {
+        int32_t* dst = wdot.get() + blk * block_words;
+        for (int64_t k = 0; k < k4; ++k)
+          for (int64_t l = 0; l < 16; ++l) std::memcpy(dst + k * 16 + l, rows.data() + l * g.kp + 4 * k, 4);
+      } else {
+        uint64_t* dst = wbits.get() + blk * block_words;
+        for (int64_t q = 0; q < nplane; ++q)
+          for (int64_t l = 0; l < 8; ++l) dst[q * 8 + l] = planes[l * nplane + q];
+      }
+    }
+  });
+  // every input pixel's code sum, for T
+  std::vector<int32_t> pixel_sums(g.n * g.h * g.w);
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  at::parallel_for(0, g.n * g.h * g.w, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      int32_t sum = 0;
+      for (int64_t c = 0; c < g.c; ++c) sum += xp[q * g.c + c];
+      pixel_sums[q] = sum;
     }
   });
 
@@ -463,7 +529,6 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   int64_t group_blocks = std::max<int64_t>(nblocks, 1);
   if (nchunks < 4 * at::get_num_threads()) group_blocks = tile_blocks;
   const int64_t ngroups = std::max<int64_t>(1, (nblocks + group_blocks - 1) / group_blocks);
-  const uint8_t* xp = x.data_ptr<uint8_t>();
   int32_t* s_ptr = s_out.data_ptr<int32_t>();
   int32_t* t_ptr = t_out.data_ptr<int32_t>();
   const BitsTile bits_full = bits_tile(isa, true), bits_one = bits_tile(isa, false);
@@ -471,8 +536,8 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> rows(kRows * g.kp);
     std::vector<uint64_t> xbits(dot ? 0 : kRows * ab * g.kwd);
-    int64_t tile[4 * kBitBlocks * 8];
-    int32_t dtile[4 * kDotBlocks * 16];
+    constexpr int64_t kTile = std::max(kBitBlocks * 8, kDotBlocks * 16);  // int32 per tile row
+    int32_t tile[4 * kTile];
     int64_t gathered = -1;  // the chunk whose rows are in `rows`
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / ngroups, group = task % ngroups;
@@ -491,50 +556,34 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
         gathered = chunk;
       }
       if (group == 0) {
-        for (int64_t r = 0; r < nrows; ++r) t_ptr[m0 + r] = row_sum(rows.data() + r * g.kp, g.k);
+        for (int64_t r = 0; r < nrows; ++r) t_ptr[m0 + r] = tap_sum(pixel_sums.data(), g, m0 + r);
       }
       const int64_t b_end = std::min(nblocks, (group + 1) * group_blocks);
       for (int64_t b0 = group * group_blocks; b0 < b_end; b0 += tile_blocks) {
         const int64_t nb = std::min(tile_blocks, b_end - b0);
         for (int64_t r0 = 0; r0 < nrows4; r0 += 4) {
-          const int64_t rn = std::min<int64_t>(4, nrows - r0);
           if (dot) {
             const uint8_t* xr = rows.data() + r0 * g.kp;
-            const int32_t* wb0 = wdot.data() + b0 * block_words;
+            const int32_t* w0 = wdot.get() + b0 * block_words;
             if (nb == kDotBlocks) {
-              dot_vnni<kDotBlocks>(xr, g.kp, wb0, block_words, k4, dtile);
+              dot_vnni<kDotBlocks>(xr, g.kp, w0, block_words, k4, tile, kTile);
             } else {
-              for (int64_t b = 0; b < nb; ++b) {
-                int32_t one[4 * 16];
-                dot_vnni<1>(xr, g.kp, wb0 + b * block_words, block_words, k4, one);
-                for (int r = 0; r < 4; ++r)
-                  std::memcpy(dtile + r * kDotBlocks * 16 + b * 16, one + r * 16, 16 * sizeof(int32_t));
-              }
-            }
-            for (int64_t r = 0; r < rn; ++r) {
-              const int64_t o_end = std::min(g.o, (b0 + nb) * 16);
-              for (int64_t o = b0 * 16; o < o_end; ++o)
-                s_ptr[(m0 + r0 + r) * g.o + o] = dtile[r * kDotBlocks * 16 + (o - b0 * 16)];
+              for (int64_t b = 0; b < nb; ++b)
+                dot_vnni<1>(xr, g.kp, w0 + b * block_words, block_words, k4, tile + b * 16, kTile);
             }
           } else {
             const uint64_t* xr = xbits.data() + r0 * ab * g.kwd;
-            const uint64_t* wb0 = wbits.data() + b0 * block_words;
+            const uint64_t* w0 = wbits.get() + b0 * block_words;
             if (nb == kBitBlocks) {
-              bits_full(xr, ab * g.kwd, wb0, block_words, ab, wb, g.kwd, tile);
+              bits_full(xr, ab * g.kwd, w0, block_words, ab, wb, g.kwd, tile, kTile);
             } else {
-              for (int64_t b = 0; b < nb; ++b) {
-                int64_t one[4 * 8];
-                bits_one(xr, ab * g.kwd, wb0 + b * block_words, block_words, ab, wb, g.kwd, one);
-                for (int r = 0; r < 4; ++r)
-                  std::memcpy(tile + r * kBitBlocks * 8 + b * 8, one + r * 8, 8 * sizeof(int64_t));
-              }
-            }
-            for (int64_t r = 0; r < rn; ++r) {
-              const int64_t o_end = std::min(g.o, (b0 + nb) * 8);
-              for (int64_t o = b0 * 8; o < o_end; ++o)
-                s_ptr[(m0 + r0 + r) * g.o + o] = static_cast<int32_t>(tile[r * kBitBlocks * 8 + (o - b0 * 8)]);
+              for (int64_t b = 0; b < nb; ++b)
+                bits_one(xr, ab * g.kwd, w0 + b * block_words, block_words, ab, wb, g.kwd, tile + b * 8, kTile);
             }
           }
+          const int64_t o0 = b0 * lanes, no = std::min(g.o, (b0 + nb) * lanes) - o0;
+          for (int64_t r = 0; r < std::min<int64_t>(4, nrows - r0); ++r)
+            std::memcpy(s_ptr + (m0 + r0 + r) * g.o + o0, tile + r * kTile, no * sizeof(int32_t));
         }
       }
     }
