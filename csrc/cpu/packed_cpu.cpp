@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -240,8 +241,8 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
   return _mm512_popcnt_epi64(v);
 }
 
-// The AVX-512 tile; POPCNT is one of the two popcount functions above (same target set). One
-// bit each (the common deployed case) needs no plane weighting: the sums stay in registers.
+// The AVX-512 tiles; POPCNT is one of the two popcount functions above (same target set).
+// NAME##_1bit: one bit each (the common deployed case), no plane weighting.
 #define EXPCUDA_BITS_AVX512(NAME, TARGET, POPCNT)                                                      \
   template <int OBT>                                                                                  \
   __attribute__((target(TARGET))) void NAME(const uint64_t* x, int64_t xs, const uint64_t* w,         \
@@ -264,13 +265,6 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
               acc[r][b] = _mm512_add_epi64(acc[r][b], POPCNT(_mm512_and_si512(xb, wv[b])));           \
           }                                                                                           \
         }                                                                                             \
-        if (ab == 1 && wb == 1) {                                                                     \
-          for (int r = 0; r < 4; ++r)                                                                 \
-            for (int b = 0; b < OBT; ++b)                                                             \
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * os + b * 8),                   \
-                                  _mm512_cvtepi64_epi32(acc[r][b]));                                  \
-          return;                                                                                     \
-        }                                                                                             \
         const __m128i shift = _mm_cvtsi32_si128(i + j);                                               \
         for (int r = 0; r < 4; ++r)                                                                   \
           for (int b = 0; b < OBT; ++b)                                                               \
@@ -281,11 +275,34 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
       for (int b = 0; b < OBT; ++b)                                                                   \
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * os + b * 8),                         \
                             _mm512_cvtepi64_epi32(tot[r][b]));                                        \
+  }                                                                                                   \
+  template <int OBT>                                                                                  \
+  __attribute__((target(TARGET))) void NAME##_1bit(const uint64_t* x, int64_t xs, const uint64_t* w,  \
+                                                   int64_t ws, int, int, int64_t kw, int32_t* out,    \
+                                                   int64_t os) {                                      \
+    __m512i acc[4][OBT];                                                                              \
+    for (int r = 0; r < 4; ++r)                                                                       \
+      for (int b = 0; b < OBT; ++b) acc[r][b] = _mm512_setzero_si512();                               \
+    for (int64_t k = 0; k < kw; ++k) {                                                                \
+      __m512i wv[OBT];                                                                                \
+      for (int b = 0; b < OBT; ++b) wv[b] = _mm512_loadu_si512(w + b * ws + k * 8);                   \
+      for (int r = 0; r < 4; ++r) {                                                                   \
+        const __m512i xb = _mm512_set1_epi64(static_cast<long long>(x[r * xs + k]));                  \
+        for (int b = 0; b < OBT; ++b)                                                                 \
+          acc[r][b] = _mm512_add_epi64(acc[r][b], POPCNT(_mm512_and_si512(xb, wv[b])));               \
+      }                                                                                               \
+    }                                                                                                 \
+    for (int r = 0; r < 4; ++r)                                                                       \
+      for (int b = 0; b < OBT; ++b)                                                                   \
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * os + b * 8),                         \
+                            _mm512_cvtepi64_epi32(acc[r][b]));                                        \
   }
 
-// GCC 12 warns about the undefined pass-through operand inside its own _mm512_sll_epi64
+// GCC 12 warns about the undefined pass-through operands inside its own _mm512_sll_epi64 and
+// _mm512_cvtepi64_epi32
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 EXPCUDA_BITS_AVX512(bits_avx512bw, "avx512f,avx512bw", popcnt64_avx512bw)
 EXPCUDA_BITS_AVX512(bits_vpopcntdq, "avx512f,avx512bw,avx512vpopcntdq", popcnt64_vpopcntdq)
 #pragma GCC diagnostic pop
@@ -296,10 +313,14 @@ constexpr int kBitBlocks = 2;  // filter blocks of 8 per bit-serial tile (4 rows
 using BitsTile = void (*)(const uint64_t*, int64_t, const uint64_t*, int64_t, int, int, int64_t, int32_t*,
                           int64_t);
 
-BitsTile bits_tile(Isa isa, bool full) {
+BitsTile bits_tile(Isa isa, bool full, bool one_bit) {
   switch (isa) {
-    case Isa::kVpopcntdq: return full ? bits_vpopcntdq<kBitBlocks> : bits_vpopcntdq<1>;
-    case Isa::kAvx512bw: return full ? bits_avx512bw<kBitBlocks> : bits_avx512bw<1>;
+    case Isa::kVpopcntdq:
+      if (one_bit) return full ? bits_vpopcntdq_1bit<kBitBlocks> : bits_vpopcntdq_1bit<1>;
+      return full ? bits_vpopcntdq<kBitBlocks> : bits_vpopcntdq<1>;
+    case Isa::kAvx512bw:
+      if (one_bit) return full ? bits_avx512bw_1bit<kBitBlocks> : bits_avx512bw_1bit<1>;
+      return full ? bits_avx512bw<kBitBlocks> : bits_avx512bw<1>;
     case Isa::kAvx2: return full ? bits_avx2<kBitBlocks> : bits_avx2<1>;
     default: return full ? bits_scalar<kBitBlocks> : bits_scalar<1>;
   }
@@ -446,11 +467,6 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   check_args(x_codes, w_planes, channels, a_bits, w_bits, stride, padding);
   const Tensor x = x_codes.contiguous();
   const Tensor wt = w_planes.contiguous();
-  if (a_bits < 8 && x.numel() > 0) {
-    const int64_t top = x.max().item<uint8_t>();
-    TORCH_CHECK_VALUE(top < (int64_t{1} << a_bits), "packed_conv2d: x_codes must be < 2**a_bits = ",
-                      int64_t{1} << a_bits, " for a_bits=", a_bits, ", got a code ", top);
-  }
   Geometry g;
   g.n = x.size(0), g.h = x.size(1), g.w = x.size(2), g.c = channels;
   g.o = wt.size(0), g.kh = wt.size(1), g.kw = wt.size(2), g.stride = stride, g.pad = padding;
@@ -463,6 +479,26 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   Tensor t_out = at::empty({g.n, g.ho, g.wo}, x.options().dtype(at::kInt));
   const int64_t m_total = g.n * g.ho * g.wo;
   if (m_total == 0) return {s_out, t_out};
+
+  // every input pixel's code sum, for T, and the OR of all codes, to check them against a_bits
+  std::vector<int32_t> pixel_sums(g.n * g.h * g.w);
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  std::atomic<int> ored{0};
+  at::parallel_for(0, g.n * g.h * g.w, 256, [&](int64_t begin, int64_t end) {
+    uint8_t any = 0;
+    for (int64_t q = begin; q < end; ++q) {
+      int32_t sum = 0;
+      for (int64_t c = 0; c < g.c; ++c) {
+        sum += xp[q * g.c + c];
+        any |= xp[q * g.c + c];
+      }
+      pixel_sums[q] = sum;
+    }
+    ored.fetch_or(any);
+  });
+  TORCH_CHECK_VALUE(ored.load() < (1 << a_bits), "packed_conv2d: x_codes must be < 2**a_bits = ",
+                    1 << a_bits, " for a_bits=", a_bits, ", got a code with bits ", ored.load(),
+                    " set among them");
 
   const Isa isa = pick_isa();
   const Algo algo = pick_algo(isa, a_bits, w_bits);
@@ -511,16 +547,6 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
       }
     }
   });
-  // every input pixel's code sum, for T
-  std::vector<int32_t> pixel_sums(g.n * g.h * g.w);
-  const uint8_t* xp = x.data_ptr<uint8_t>();
-  at::parallel_for(0, g.n * g.h * g.w, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      int32_t sum = 0;
-      for (int64_t c = 0; c < g.c; ++c) sum += xp[q * g.c + c];
-      pixel_sums[q] = sum;
-    }
-  });
 
   // Tasks: chunks of kRows output pixels, times groups of filter blocks when there are too few
   // chunks to keep every thread busy (a batch of one, the last layers).
@@ -531,7 +557,8 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   const int64_t ngroups = std::max<int64_t>(1, (nblocks + group_blocks - 1) / group_blocks);
   int32_t* s_ptr = s_out.data_ptr<int32_t>();
   int32_t* t_ptr = t_out.data_ptr<int32_t>();
-  const BitsTile bits_full = bits_tile(isa, true), bits_one = bits_tile(isa, false);
+  const bool one_bit = ab == 1 && wb == 1;
+  const BitsTile bits_full = bits_tile(isa, true, one_bit), bits_one = bits_tile(isa, false, one_bit);
 
   at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> rows(kRows * g.kp);
@@ -561,29 +588,36 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
       const int64_t b_end = std::min(nblocks, (group + 1) * group_blocks);
       for (int64_t b0 = group * group_blocks; b0 < b_end; b0 += tile_blocks) {
         const int64_t nb = std::min(tile_blocks, b_end - b0);
+        const int64_t o0 = b0 * lanes, no = std::min(g.o, (b0 + nb) * lanes) - o0;
         for (int64_t r0 = 0; r0 < nrows4; r0 += 4) {
+          // whole tiles straight into S, the ragged ones (last filters, last rows) through `tile`
+          const int64_t rn = std::min<int64_t>(4, nrows - r0);
+          const bool direct = rn == 4 && no == nb * lanes;
+          int32_t* out = direct ? s_ptr + (m0 + r0) * g.o + o0 : tile;
+          const int64_t os = direct ? g.o : kTile;
           if (dot) {
             const uint8_t* xr = rows.data() + r0 * g.kp;
             const int32_t* w0 = wdot.get() + b0 * block_words;
             if (nb == kDotBlocks) {
-              dot_vnni<kDotBlocks>(xr, g.kp, w0, block_words, k4, tile, kTile);
+              dot_vnni<kDotBlocks>(xr, g.kp, w0, block_words, k4, out, os);
             } else {
               for (int64_t b = 0; b < nb; ++b)
-                dot_vnni<1>(xr, g.kp, w0 + b * block_words, block_words, k4, tile + b * 16, kTile);
+                dot_vnni<1>(xr, g.kp, w0 + b * block_words, block_words, k4, out + b * 16, os);
             }
           } else {
             const uint64_t* xr = xbits.data() + r0 * ab * g.kwd;
             const uint64_t* w0 = wbits.get() + b0 * block_words;
             if (nb == kBitBlocks) {
-              bits_full(xr, ab * g.kwd, w0, block_words, ab, wb, g.kwd, tile, kTile);
+              bits_full(xr, ab * g.kwd, w0, block_words, ab, wb, g.kwd, out, os);
             } else {
               for (int64_t b = 0; b < nb; ++b)
-                bits_one(xr, ab * g.kwd, w0 + b * block_words, block_words, ab, wb, g.kwd, tile + b * 8, kTile);
+                bits_one(xr, ab * g.kwd, w0 + b * block_words, block_words, ab, wb, g.kwd, out + b * 8, os);
             }
           }
-          const int64_t o0 = b0 * lanes, no = std::min(g.o, (b0 + nb) * lanes) - o0;
-          for (int64_t r = 0; r < std::min<int64_t>(4, nrows - r0); ++r)
-            std::memcpy(s_ptr + (m0 + r0 + r) * g.o + o0, tile + r * kTile, no * sizeof(int32_t));
+          if (!direct) {
+            for (int64_t r = 0; r < rn; ++r)
+              std::memcpy(s_ptr + (m0 + r0 + r) * g.o + o0, tile + r * kTile, no * sizeof(int32_t));
+          }
         }
       }
     }
