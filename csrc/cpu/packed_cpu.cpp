@@ -5,7 +5,8 @@
 // expcuda/deploy/reference.py is the definition of correct.
 //
 // Each output pixel's in-bounds taps are gathered into one row of K = KH*KW*C code bytes
-// (out-of-bounds taps stay zero, so they add nothing to S or T; T is the row's sum). Rows are
+// (out-of-bounds taps stay zero, so they add nothing to S or T; T is the row's code sum, taken
+// while packing it). Rows are
 // then multiplied with the filters in one of two ways:
 //   bitserial: the row is packed into a_bits planes of K bits (planes stay tight across taps,
 //              so few channels waste no bits), each filter into w_bits planes, and
@@ -30,6 +31,12 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+// GCC 12 warns about the undefined pass-through operands inside its own AVX-512 intrinsics
+// (_mm512_sll_epi64, _mm512_cvtepi64_epi32, _mm512_reduce_add_epi64)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace expcuda {
 namespace {
@@ -116,17 +123,23 @@ Algo pick_algo(Isa isa, int64_t a_bits, int64_t w_bits) {
 // ============================================================================ bit packing
 
 // row: kw*64 code bytes; out[i*kw + k]: bit b = bit i of byte 64k+b (the weights' plane layout).
-void pack_scalar(const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+// Returns the row's code sum, sum_i 2^i popcount(plane i): T comes from the same pass.
+int32_t pack_scalar(const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+  int32_t sum = 0;
   for (int64_t k = 0; k < kw; ++k) {
     for (int i = 0; i < bits; ++i) {
       uint64_t word = 0;
       for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>((row[64 * k + b] >> i) & 1) << b;
       out[i * kw + k] = word;
+      sum += __builtin_popcountll(word) << i;
     }
   }
+  return sum;
 }
 
-__attribute__((target("avx2"))) void pack_avx2(const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+__attribute__((target("avx2,popcnt"))) int32_t pack_avx2(const uint8_t* row, int64_t kw, int bits,
+                                                         uint64_t* out) {
+  int64_t sum = 0;
   for (int64_t k = 0; k < kw; ++k) {
     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * k));
     const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * k + 32));
@@ -134,28 +147,43 @@ __attribute__((target("avx2"))) void pack_avx2(const uint8_t* row, int64_t kw, i
       const __m128i shift = _mm_cvtsi32_si128(7 - i);  // bit i of every byte to its top bit
       const uint32_t a = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi16(lo, shift)));
       const uint32_t b = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_sll_epi16(hi, shift)));
-      out[i * kw + k] = a | (static_cast<uint64_t>(b) << 32);
+      const uint64_t word = a | (static_cast<uint64_t>(b) << 32);
+      out[i * kw + k] = word;
+      sum += static_cast<int64_t>(_mm_popcnt_u64(word)) << i;
     }
   }
+  return static_cast<int32_t>(sum);
 }
 
-__attribute__((target("avx512f,avx512bw"))) void pack_avx512(const uint8_t* row, int64_t kw, int bits,
-                                                              uint64_t* out) {
+__attribute__((target("avx512f,avx512bw,popcnt"))) int32_t pack_avx512(const uint8_t* row, int64_t kw, int bits,
+                                                                       uint64_t* out) {
+  int64_t sum = 0;
   for (int64_t k = 0; k < kw; ++k) {
     const __m512i v = _mm512_loadu_si512(row + 64 * k);
     for (int i = 0; i < bits; ++i) {
-      out[i * kw + k] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(static_cast<char>(1 << i)));
+      const uint64_t word = _mm512_test_epi8_mask(v, _mm512_set1_epi8(static_cast<char>(1 << i)));
+      out[i * kw + k] = word;
+      sum += static_cast<int64_t>(_mm_popcnt_u64(word)) << i;
     }
+  }
+  return static_cast<int32_t>(sum);
+}
+
+int32_t pack_row(Isa isa, const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
+  switch (isa) {
+    case Isa::kVpopcntdq:
+    case Isa::kAvx512bw: return pack_avx512(row, kw, bits, out);
+    case Isa::kAvx2: return pack_avx2(row, kw, bits, out);
+    default: return pack_scalar(row, kw, bits, out);
   }
 }
 
-void pack_row(Isa isa, const uint8_t* row, int64_t kw, int bits, uint64_t* out) {
-  switch (isa) {
-    case Isa::kVpopcntdq:
-    case Isa::kAvx512bw: pack_avx512(row, kw, bits, out); break;
-    case Isa::kAvx2: pack_avx2(row, kw, bits, out); break;
-    default: pack_scalar(row, kw, bits, out);
-  }
+// The code sum of a row of kw*64 bytes, for the VNNI path (which has AVX-512BW).
+__attribute__((target("avx512f,avx512bw"))) int32_t row_sum_avx512(const uint8_t* row, int64_t kw) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < kw; ++k)
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(row + 64 * k), _mm512_setzero_si512()));
+  return static_cast<int32_t>(_mm512_reduce_add_epi64(acc));
 }
 
 // ============================================================================ bit-serial tiles
@@ -298,14 +326,8 @@ __attribute__((target("avx512f,avx512vpopcntdq"), always_inline)) inline __m512i
                             _mm512_cvtepi64_epi32(acc[r][b]));                                        \
   }
 
-// GCC 12 warns about the undefined pass-through operands inside its own _mm512_sll_epi64 and
-// _mm512_cvtepi64_epi32
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 EXPCUDA_BITS_AVX512(bits_avx512bw, "avx512f,avx512bw", popcnt64_avx512bw)
 EXPCUDA_BITS_AVX512(bits_vpopcntdq, "avx512f,avx512bw,avx512vpopcntdq", popcnt64_vpopcntdq)
-#pragma GCC diagnostic pop
 #undef EXPCUDA_BITS_AVX512
 
 constexpr int kBitBlocks = 2;  // filter blocks of 8 per bit-serial tile (4 rows x 16 filters)
@@ -384,17 +406,17 @@ __attribute__((target("avx512f,avx512bw"))) void filter_row(const uint8_t* wp, c
   }
 }
 
-// The gathered codes of output pixel m (row of kp bytes, zero where a tap is out of bounds).
-void gather_row(const uint8_t* xp, const Geometry& g, int64_t m, uint8_t* row) {
+// The gathered codes of output pixel (n, oy, ox): a row of kp bytes, zero where a tap is out of
+// bounds.
+void gather_row(const uint8_t* xp, const Geometry& g, int64_t n, int64_t oy, int64_t ox, uint8_t* row) {
   std::memset(row, 0, g.kp);
-  const int64_t ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
   const int64_t ix0 = ox * g.stride - g.pad, iy0 = oy * g.stride - g.pad;
   const int64_t lo = std::max<int64_t>(0, -ix0), hi = std::min<int64_t>(g.kw, g.w - ix0);
   if (lo >= hi) return;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     const int64_t iy = iy0 + ky;
     if (iy < 0 || iy >= g.h) continue;
-    std::memcpy(row + (ky * g.kw + lo) * g.c, xp + ((n * g.h + iy) * g.w + ix0 + lo) * g.c, (hi - lo) * g.c);
+    std::memcpy(row + (ky * g.kw + lo) * g.c, xp + (((n * g.h + iy) * g.w + ix0 + lo) * g.c), (hi - lo) * g.c);
   }
 }
 
@@ -412,20 +434,6 @@ void put_bits(uint64_t* dst, int64_t pos, const uint8_t* src, int64_t nbits) {
     dst[word] |= b << off;
     if (off > 56 && (b >> (64 - off)) != 0) dst[word + 1] |= b >> (64 - off);
   }
-}
-
-// T of output pixel m: the code sums of its in-bounds input pixels.
-int32_t tap_sum(const int32_t* pixel_sums, const Geometry& g, int64_t m) {
-  const int64_t ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
-  const int64_t ix0 = ox * g.stride - g.pad, iy0 = oy * g.stride - g.pad;
-  const int64_t lo = std::max<int64_t>(0, -ix0), hi = std::min<int64_t>(g.kw, g.w - ix0);
-  int32_t t = 0;
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
-    const int64_t iy = iy0 + ky;
-    if (iy < 0 || iy >= g.h) continue;
-    for (int64_t kx = lo; kx < hi; ++kx) t += pixel_sums[(n * g.h + iy) * g.w + ix0 + kx];
-  }
-  return t;
 }
 
 void check_args(const Tensor& x, const Tensor& w, int64_t channels, int64_t a_bits, int64_t w_bits,
@@ -480,20 +488,12 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   const int64_t m_total = g.n * g.ho * g.wo;
   if (m_total == 0) return {s_out, t_out};
 
-  // every input pixel's code sum, for T, and the OR of all codes, to check them against a_bits
-  std::vector<int32_t> pixel_sums(g.n * g.h * g.w);
+  // the OR of all codes, to check them against a_bits
   const uint8_t* xp = x.data_ptr<uint8_t>();
   std::atomic<int> ored{0};
-  at::parallel_for(0, g.n * g.h * g.w, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     uint8_t any = 0;
-    for (int64_t q = begin; q < end; ++q) {
-      int32_t sum = 0;
-      for (int64_t c = 0; c < g.c; ++c) {
-        sum += xp[q * g.c + c];
-        any |= xp[q * g.c + c];
-      }
-      pixel_sums[q] = sum;
-    }
+    for (int64_t q = begin; q < end; ++q) any |= xp[q];
     ored.fetch_or(any);
   });
   TORCH_CHECK_VALUE(ored.load() < (1 << a_bits), "packed_conv2d: x_codes must be < 2**a_bits = ",
@@ -565,26 +565,30 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
     std::vector<uint64_t> xbits(dot ? 0 : kRows * ab * g.kwd);
     constexpr int64_t kTile = std::max(kBitBlocks * 8, kDotBlocks * 16);  // int32 per tile row
     int32_t tile[4 * kTile];
+    int32_t tsum[kRows];
     int64_t gathered = -1;  // the chunk whose rows are in `rows`
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / ngroups, group = task % ngroups;
       const int64_t m0 = chunk * kRows, nrows = std::min(kRows, m_total - m0);
       const int64_t nrows4 = (nrows + 3) / 4 * 4;
       if (gathered != chunk) {
+        int64_t n = m0 / (g.ho * g.wo), oy = m0 / g.wo % g.ho, ox = m0 % g.wo;  // stepped, not divided
         for (int64_t r = 0; r < nrows4; ++r) {
           uint8_t* row = rows.data() + r * g.kp;
           if (r < nrows) {
-            gather_row(xp, g, m0 + r, row);
+            gather_row(xp, g, n, oy, ox, row);
+            if (++ox == g.wo) {
+              ox = 0;
+              if (++oy == g.ho) oy = 0, ++n;
+            }
           } else {
             std::memset(row, 0, g.kp);
           }
-          if (!dot) pack_row(isa, row, g.kwd, ab, xbits.data() + r * ab * g.kwd);
+          tsum[r] = dot ? row_sum_avx512(row, g.kwd) : pack_row(isa, row, g.kwd, ab, xbits.data() + r * ab * g.kwd);
         }
         gathered = chunk;
       }
-      if (group == 0) {
-        for (int64_t r = 0; r < nrows; ++r) t_ptr[m0 + r] = tap_sum(pixel_sums.data(), g, m0 + r);
-      }
+      if (group == 0) std::memcpy(t_ptr + m0, tsum, nrows * sizeof(int32_t));
       const int64_t b_end = std::min(nblocks, (group + 1) * group_blocks);
       for (int64_t b0 = group * group_blocks; b0 < b_end; b0 += tile_blocks) {
         const int64_t nb = std::min(tile_blocks, b_end - b0);
@@ -646,3 +650,5 @@ TORCH_LIBRARY_IMPL(expcuda_C, CPU, m) {
 }
 
 }  // namespace expcuda
+
+#pragma GCC diagnostic pop
