@@ -560,14 +560,18 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
   const bool one_bit = ab == 1 && wb == 1;
   const BitsTile bits_full = bits_tile(isa, true, one_bit), bits_one = bits_tile(isa, false, one_bit);
 
-  at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes the next task from a shared counter: on a machine shared with other work a
+  // thread that is slowed down takes fewer tasks instead of holding up the others.
+  const int64_t ntasks = nchunks * ngroups;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ntasks), 1, [&](int64_t, int64_t) {
     std::vector<uint8_t> rows(kRows * g.kp);
     std::vector<uint64_t> xbits(dot ? 0 : kRows * ab * g.kwd);
     constexpr int64_t kTile = std::max(kBitBlocks * 8, kDotBlocks * 16);  // int32 per tile row
     int32_t tile[4 * kTile];
     int32_t tsum[kRows];
     int64_t gathered = -1;  // the chunk whose rows are in `rows`
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task++; task < ntasks; task = next_task++) {
       const int64_t chunk = task / ngroups, group = task % ngroups;
       const int64_t m0 = chunk * kRows, nrows = std::min(kRows, m_total - m0);
       const int64_t nrows4 = (nrows + 3) / 4 * 4;
