@@ -6,8 +6,7 @@
 //
 // Each output pixel's in-bounds taps are gathered into one row of K = KH*KW*C code bytes
 // (out-of-bounds taps stay zero, so they add nothing to S or T; T is the row's code sum, taken
-// while packing it). Rows are
-// then multiplied with the filters in one of two ways:
+// while packing it). Rows are then multiplied with the filters in one of two ways:
 //   bitserial: the row is packed into a_bits planes of K bits (planes stay tight across taps,
 //              so few channels waste no bits), each filter into w_bits planes, and
 //              S = sum_ij 2^(i+j) popcount(x_i AND w_j); 1x1 bit is one AND + popcount per word.
@@ -499,9 +498,10 @@ std::tuple<Tensor, Tensor> packed_conv2d_cpu(const Tensor& x_codes, const Tensor
     for (int64_t q = begin; q < end; ++q) any |= xp[q];
     ored.fetch_or(any);
   });
-  TORCH_CHECK_VALUE(ored.load() < (1 << a_bits), "packed_conv2d: x_codes must be < 2**a_bits = ",
-                    1 << a_bits, " for a_bits=", a_bits, ", got a code with bits ", ored.load(),
-                    " set among them");
+  if (ored.load() >= (1 << a_bits)) {
+    TORCH_CHECK_VALUE(false, "packed_conv2d: x_codes must be < 2**a_bits = ", 1 << a_bits, " for a_bits=",
+                      a_bits, ", got a code ", static_cast<int>(x.max().item<uint8_t>()));
+  }
 
   const Isa isa = pick_isa();
   const Algo algo = pick_algo(isa, a_bits, w_bits);
