@@ -426,7 +426,10 @@ void gather_row(const uint8_t* xp, const Geometry& g, int64_t n, int64_t oy, int
 void put_bits(uint64_t* dst, int64_t pos, const uint8_t* src, int64_t nbits) {
   const int64_t nbytes = (nbits + 7) / 8;
   if (pos % 8 == 0 && nbits % 8 == 0) {  // whole bytes (x86 is little-endian: byte i = bits 8i..)
-    std::memcpy(reinterpret_cast<uint8_t*>(dst) + pos / 8, src, nbytes);
+    uint8_t* to = reinterpret_cast<uint8_t*>(dst) + pos / 8;
+    int64_t i = 0;
+    for (; i + 8 <= nbytes; i += 8) std::memcpy(to + i, src + i, 8);  // fixed size: inlined, no call
+    for (; i < nbytes; ++i) to[i] = src[i];
     return;
   }
   for (int64_t i = 0; i < nbytes; ++i) {
