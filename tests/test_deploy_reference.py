@@ -77,25 +77,18 @@ def test_conv_errors_name_the_argument():
         packed_conv2d_reference(x, w, 3, 0, 1)
 
 
-def test_packed_conv2d_uses_kernels_module_when_importable(monkeypatch):
-    import sys
-    import types
-
+def test_packed_conv2d_dispatches_through_the_registry():
     import expcuda.deploy as deploy
+    from expcuda import registry
 
     x = torch.randint(0, 2, (1, 4, 4, 5), dtype=torch.uint8)
     w = pack_planes(torch.randint(0, 2, (2, 3, 3, 5), dtype=torch.uint8), 1)
     ref = packed_conv2d_reference(x, w, 5, 1, 1)
-    if "expcuda.deploy.kernels" not in sys.modules:
-        try:
-            import expcuda.deploy.kernels  # noqa: F401
-        except ImportError:
-            s, t = deploy.packed_conv2d(x, w, 5, 1, 1, 1, 1)
-            assert torch.equal(s, ref[0]) and torch.equal(t, ref[1])
+    with registry.use_backend("reference"):
+        s, t = deploy.packed_conv2d(x, w, 5, 1, 1, 1, 1)
+    assert torch.equal(s, ref[0]) and torch.equal(t, ref[1])
     calls = []
-    fake = types.ModuleType("expcuda.deploy.kernels")
-    fake.packed_conv2d = lambda *a: calls.append(a) or ref
-    monkeypatch.setitem(sys.modules, "expcuda.deploy.kernels", fake)
-    monkeypatch.setattr(deploy, "kernels", fake, raising=False)
-    deploy.packed_conv2d(x, w, 5, 1, 1, 1, 1)
+    with registry.replaced("packed_conv2d", "reference", lambda *a: calls.append(a) or ref):
+        with registry.use_backend("reference"):
+            deploy.packed_conv2d(x, w, 5, 1, 1, 1, 1)
     assert calls and calls[0][2:] == (5, 1, 1, 1, 1)

@@ -26,6 +26,8 @@ if unavailable() is None:
     compiled.register("cpu", "CPU", compiled.EPILOGUE_KERNELS,
                       compiled.epilogue_refuses(refuses, "CPU", "csrc/cpu/block_cpu.cpp", "C++"),
                       layouts=(torch.contiguous_format, torch.channels_last))
+    from expcuda.deploy import ops as deploy_ops
+    compiled.register("cpu", "CPU", (deploy_ops.PACKED_CONV2D,), per_tensor(refuses))
 
 
 __getattr__ = kernel_attributes("cpu")

@@ -6,6 +6,7 @@ and the block epilogue's beside its op in ``expcuda.nn.epilogue``.
 
 from expcuda import registry
 from expcuda._backends import kernel_attributes
+from expcuda.deploy import ops as deploy_ops
 from expcuda.nn import epilogue
 from expcuda import quant
 from expcuda.quant import reference, spec
@@ -23,6 +24,7 @@ for _op, _fn in spec.REFERENCE.items():
     registry.register(_op, "reference", _fn)
 for _op, _fn in epilogue.REFERENCE_KERNELS.items():
     registry.register(_op, "reference", _fn)
+registry.register(deploy_ops.PACKED_CONV2D, "reference", deploy_ops.reference_kernel)
 
 
 _kernels = kernel_attributes("reference")

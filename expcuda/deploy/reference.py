@@ -3,7 +3,7 @@
 Codes are unsigned integers ``0 .. 2**bits - 1`` stored as uint8. A packed weight tensor
 holds them as bit planes: plane ``i`` carries bit ``i`` of every code, eight channels per
 byte, channel ``c`` at byte ``c // 8``, bit ``c % 8`` (little-endian inside a byte), pad
-bits 0. The packed kernels in ``expcuda.deploy.kernels`` are tested against this module.
+bits 0. The packed kernels (``csrc/cpu/packed_cpu.cpp``) are tested against this module.
 """
 
 from __future__ import annotations
