@@ -31,6 +31,8 @@ if unavailable() is None:
     compiled.register("cuda", "CUDA", ("block_epilogue_fwd", "block_epilogue_bwd"),
                       compiled.epilogue_refuses(refuses, "CUDA", "csrc/cuda/block_cuda.cu", "CUDA"),
                       layouts=(torch.contiguous_format, torch.channels_last))
+    from expcuda.deploy import ops as deploy_ops
+    compiled.register("cuda", "CUDA", (deploy_ops.PACKED_CONV2D,), per_tensor(refuses))
 
 
 __getattr__ = kernel_attributes("cuda")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from expcuda import registry
+from expcuda import _checks, registry
 
 from .reference import packed_conv2d_reference
 
@@ -20,19 +20,10 @@ PACKED_CONV2D = registry.declare(
     "-> (S, T)")
 
 
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {span}, got {value}")
-    return value
-
-
 def check_bits(x_codes, w_planes, a_bits, w_bits) -> None:
     """The bit widths: ints in 1..8, w_planes holding w_bits planes, codes below 2**a_bits."""
-    _check_int("a_bits", a_bits, 1, 8)
-    _check_int("w_bits", w_bits, 1, 8)
+    _checks.integer("a_bits", a_bits, 1, 8)
+    _checks.integer("w_bits", w_bits, 1, 8)
     if w_planes.dim() == 5 and w_planes.shape[3] != w_bits:
         raise ValueError(f"w_planes dim 3 must be w_bits={w_bits}, got {w_planes.shape[3]}")
     if x_codes.dtype == torch.uint8 and x_codes.numel() and a_bits < 8:
@@ -53,11 +44,11 @@ def packed_conv2d(x_codes, w_planes, channels, a_bits, w_bits, stride, padding):
     for name, t in (("x_codes", x_codes), ("w_planes", w_planes)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _check_int("channels", channels, 1)
-    _check_int("a_bits", a_bits, 1, 8)
-    _check_int("w_bits", w_bits, 1, 8)
-    _check_int("stride", stride, 1)
-    _check_int("padding", padding, 0)
+    _checks.integer("channels", channels, 1)
+    _checks.integer("a_bits", a_bits, 1, 8)
+    _checks.integer("w_bits", w_bits, 1, 8)
+    _checks.integer("stride", stride, 1)
+    _checks.integer("padding", padding, 0)
     return registry.dispatch(PACKED_CONV2D, x_codes).fn(x_codes, w_planes, channels, a_bits, w_bits,
                                                         stride, padding)
 
@@ -68,6 +59,6 @@ def packed_path(a_bits: int, w_bits: int) -> tuple[str, str]:
     from expcuda import _ext
     if not _ext.has_kernel("packed_conv2d", "CPU"):
         raise RuntimeError(_ext.REASON or "expcuda._C was built without csrc/cpu/packed_cpu.cpp")
-    isa, algo = torch.ops.expcuda_C.packed_conv2d_path(_check_int("a_bits", a_bits, 1, 8),
-                                                      _check_int("w_bits", w_bits, 1, 8)).split()
+    isa, algo = torch.ops.expcuda_C.packed_conv2d_path(_checks.integer("a_bits", a_bits, 1, 8),
+                                                      _checks.integer("w_bits", w_bits, 1, 8)).split()
     return isa, algo

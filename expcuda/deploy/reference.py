@@ -11,15 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from expcuda import _checks
+
 __all__ = ["pack_planes", "unpack_planes", "packed_conv2d_reference"]
 
 _BIT_WEIGHTS = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
-
-
-def _check_bits(bits, name: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"{name} must be an int in 1..8, got {bits!r}")
-    return bits
 
 
 def _check_uint8(t, name: str) -> None:
@@ -32,7 +28,7 @@ def _check_uint8(t, name: str) -> None:
 def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., C]`` into bit planes ``[..., bits, ceil(C/8)]``."""
     _check_uint8(codes, "codes")
-    bits = _check_bits(bits)
+    bits = _checks.int_in("bits", bits, 1, 8)
     if codes.dim() < 1:
         raise ValueError("codes must have at least one dimension (the channels, last)")
     if codes.numel() and int(codes.max()) >= (1 << bits):
@@ -50,9 +46,8 @@ def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_planes(planes: torch.Tensor, bits: int, channels: int) -> torch.Tensor:
     """Inverse of :func:`pack_planes`: ``[..., bits, ceil(C/8)]`` -> uint8 codes ``[..., C]``."""
     _check_uint8(planes, "planes")
-    bits = _check_bits(bits)
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    bits = _checks.int_in("bits", bits, 1, 8)
+    _checks.positive_int("channels", channels)
     nbytes = (channels + 7) // 8
     if planes.dim() < 2 or planes.shape[-2] != bits or planes.shape[-1] != nbytes:
         raise ValueError(
@@ -89,15 +84,13 @@ def packed_conv2d_reference(
         raise ValueError(
             f"w_planes must be [O, KH, KW, w_bits, ceil(C/8)], got shape {list(w_planes.shape)}"
         )
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    _checks.positive_int("channels", channels)
     if x_codes.shape[-1] != channels:
         raise ValueError(
             f"x_codes has {x_codes.shape[-1]} channels (last dim), channels={channels}"
         )
-    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _checks.int_in("stride", stride, 1)
+    _checks.int_in("padding", padding, 0)
     w_bits = w_planes.shape[3]
     if not 1 <= w_bits <= 8:
         raise ValueError(f"w_planes dim 3 (w_bits) must be in 1..8, got {w_bits}")
