@@ -61,19 +61,13 @@ def reduce_moments(mean: Tensor, var: Tensor, n: int, group=None) -> tuple[Tenso
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training-mode statistics cover the batch of every rank."""
 
-    _group = None  # a _Shared process group its statistics are reduced over (None: the default group)
-
-    @property
-    def process_group(self):
-        return None if self._group is None else self._group.group
-
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or _world() == 1:
             return super().forward(x)
         self._check_input_dim(x)
         c = x.shape[1]
         local_var, local_mean = torch.var_mean(x.to(torch.float32), dim=(0, 2, 3), correction=0)
-        mean, var, n = reduce_moments(local_mean, local_var, x.numel() // c, self.process_group)
+        mean, var, n = reduce_moments(local_mean, local_var, x.numel() // c)
         if self.track_running_stats:
             update_running_stats(self, mean.detach(), var.detach(), int(n))
         shape = (1, c, 1, 1)
@@ -88,32 +82,8 @@ def is_synced(bn: nn.Module) -> bool:
     return isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm))
 
 
-class _Shared:
-    """A process group held by reference: a copy of the module (``copy.deepcopy``, as collapse
-    makes) shares it, since a process group cannot be copied."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def statistics_group():
-    """A process group of every rank for the BatchNorm statistics alone.
-
-    Their all-reduces are synchronous (the next layer needs them), while DDP's gradient
-    all-reduces run in the background during backward; on one group, gloo runs collectives in
-    the order they were issued, so a BatchNorm all-reduce in backward would wait for every
-    gradient bucket issued before it.  A group of their own lets the two proceed side by side.
-    Every rank must call this, in the same order as its other group creations.
-    """
-    return dist.new_group()
-
-
-def convert(module: nn.Module, group=None) -> nn.Module:
-    """Every ``nn.BatchNorm2d`` in ``module`` replaced by :class:`SyncBatchNorm2d` whose
-    statistics are reduced over ``group`` (None: the default group).
+def convert(module: nn.Module) -> nn.Module:
+    """Every ``nn.BatchNorm2d`` in ``module`` replaced by :class:`SyncBatchNorm2d`.
 
     The new layers hold the same parameter and buffer tensors, so an optimizer built
     on the old ones keeps working and the state_dict keys do not change.
@@ -127,7 +97,6 @@ def convert(module: nn.Module, group=None) -> nn.Module:
         for name, b in module.named_buffers(recurse=False):
             setattr(out, name, b)
         out.train(module.training)
-        out._group = _Shared(group) if group is not None else None
     for name, child in module.named_children():
-        out.add_module(name, convert(child, group))
+        out.add_module(name, convert(child))
     return out

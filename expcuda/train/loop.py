@@ -50,7 +50,7 @@ class Run:
         preflight.check_expand_layers(self.model_cfg, self.model)
         if d.enabled and cfg.sync_bn:  # the statistics of the global batch, as one process has them
             self.model = (nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if d.device.type == "cuda"
-                          else sync_bn.convert(self.model, sync_bn.statistics_group()))
+                          else sync_bn.convert(self.model))
         self.train_loader = self.bundle.loader("train", cfg.batch_size // d.world, seed=cfg.seed, rank=d.rank,
                                                world=d.world, workers=cfg.workers)
         self.test_loader = self.bundle.loader("test", EVAL_BATCH, rank=d.rank, world=d.world, workers=cfg.workers)
