@@ -28,12 +28,13 @@ def _conv2d(x, planes, channels, a_bits, w_bits, stride, padding):
     return deploy.packed_conv2d(x, planes, channels, a_bits, w_bits, stride, padding)
 
 
-def _pool(v: Tensor, spec: dict | None) -> Tensor:
-    """Max-pool an NHWC accumulator as the float model pools its conv output (positive scale)."""
+def _pool(v: Tensor, spec: dict | None, exact32: bool = False) -> Tensor:
+    """Max-pool an NHWC accumulator as the float model pools its conv output (positive scale).
+    ``exact32``: every value is an integer below 2**24, so float32 holds it exactly."""
     if spec is None:
         return v
     dtype = v.dtype
-    nchw = v.permute(0, 3, 1, 2).to(torch.float64)
+    nchw = v.permute(0, 3, 1, 2).to(torch.float32 if exact32 else torch.float64)
     out = F.max_pool2d(nchw, spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"],
                        spec["ceil_mode"])
     out = out.permute(0, 2, 3, 1)
@@ -48,8 +49,17 @@ class PackedConv(nn.Module):
         self.spec = spec
         self.register_buffer("planes", t["planes"])
         self.register_buffer("gain", t["gain"].to(torch.float64))
+        a, w = spec["a_code"], spec["w_code"]
+        kh, kw = spec["kernel_size"]
+        #: the largest |accumulator| any input can give (the export clamps thresholds to +-(bound+1))
+        self.bound = ((abs(a["mult"]) * (2 ** a["bits"] - 1) + abs(a["add"]))
+                      * (abs(w["mult"]) * (2 ** spec["w_bits"] - 1) + abs(w["add"])) * kh * kw * spec["in_channels"])
+        #: the accumulator's integer type: int32 where it cannot overflow (half the memory traffic)
+        self.work = torch.int32 if spec["integer"] and self.bound + 1 <= 2**31 - 1 else torch.int64
         thr = t["thresholds"]
-        self.register_buffer("thresholds", thr.to(torch.int64) if spec["integer"] else thr.to(torch.float64))
+        if spec["integer"]:  # clamping to +-(bound+1) changes no comparison with a reachable value
+            thr = thr.to(torch.int64).clamp(-(self.bound + 1), self.bound + 1).to(self.work)
+        self.register_buffer("thresholds", thr if spec["integer"] else thr.to(torch.float64))
         self.register_buffer("direction", t["direction"])
         self._borders: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
 
@@ -74,7 +84,7 @@ class PackedConv(nn.Module):
         key = (h, w)
         if key not in self._borders:
             ones = torch.ones(1, h, w, self.spec["in_channels"], dtype=torch.uint8, device=self.planes.device)
-            self._borders[key] = [(u[0].to(torch.int64), n[0].to(torch.int64))
+            self._borders[key] = [(u[0].to(self.work), n[0].to(self.work))
                                   for u, n in (self._group_conv(ones, g) for g in self.spec["groups"])]
         return self._borders[key]
 
@@ -86,9 +96,13 @@ class PackedConv(nn.Module):
         total = None
         for g, (group, (u, n)) in enumerate(zip(s["groups"], self.borders(x.shape[1], x.shape[2]))):
             S, T = self._group_conv(x, group)
-            acc = (ma * mw) * S.to(torch.int64) + (ma * cw) * T.to(torch.int64).unsqueeze(-1)
+            acc = S.to(self.work)
+            if ma * mw != 1:
+                acc = acc * (ma * mw)
+            if ma * cw:
+                acc = acc + (ma * cw) * T.to(self.work).unsqueeze(-1)
             if ca:
-                acc = acc + (ca * mw) * u + (ca * cw) * n.unsqueeze(-1)
+                acc = acc + ((ca * mw) * u + (ca * cw) * n.unsqueeze(-1))
             if s["integer"]:
                 return acc
             term = acc.to(torch.float64) * self.gain[g].expand(s["out_channels"])
@@ -96,7 +110,7 @@ class PackedConv(nn.Module):
         return total
 
     def forward(self, x: Tensor) -> Tensor:
-        v = _pool(self.accumulate(x), self.spec["pool"])
+        v = _pool(self.accumulate(x), self.spec["pool"], self.spec["integer"] and self.bound < 2**24)
         v = v * self.direction.to(v.dtype)
         o = self.spec["out_channels"]
         if self.thresholds.shape[1] == 1:
@@ -144,7 +158,12 @@ class PackedModel(nn.Module):
 
     def stem_codes(self, x: Tensor) -> Tensor:
         act = self.config["stem"]["act"]
-        a = self.stem(x)
+        # the convolution as the collapsed model computes it (NCHW: the same sums, bit for bit),
+        # the rest (max-pool, BatchNorm, the quantizer: elementwise or exact) on a channels_last
+        # copy, whose max-pool is vectorized over channels, and which the NHWC codes need anyway
+        a = self.stem[0](x).contiguous(memory_format=torch.channels_last)
+        for module in self.stem[1:]:
+            a = module(a)
         return fold.codes_from_values(act["kind"], act["bits"], a, act["step"]).permute(0, 2, 3, 1).contiguous()
 
     def codes(self, x: Tensor) -> list[Tensor]:
