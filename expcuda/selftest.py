@@ -2,7 +2,7 @@
 
 An install on a new machine (another GPU, torch or Triton) can build and import
 and still compute wrong numbers.  This runs each quantizer of ``expcuda.quant``
-and the block epilogue ``expcuda::block_epilogue`` on small inputs, forward and
+the block epilogue ``expcuda::block_epilogue`` and the packed convolution on small inputs, forward and
 gradients, on each backend that can run here, and compares with the reference
 on the same device: the quantizers bit for bit (the numeric contract), the
 epilogue within the tolerances its kernel tests use.  One line per op and
@@ -224,6 +224,42 @@ def check_epilogue(backend: str, dtypes=(torch.float32, torch.bfloat16)) -> Resu
                                      f"(worst at {worst[0]:.2g} of the tolerance)")
 
 
+# --------------------------------------------------------------------------- the packed convolution
+
+#: (a_bits, w_bits, channels, kernel, stride, padding): the 1-bit tile, bit-serial, VNNI, odd channels
+PACKED_CASES = ((1, 1, 64, 3, 1, 1), (2, 2, 7, 3, 2, 1), (4, 4, 65, 3, 1, 0), (8, 8, 3, 1, 1, 0))
+
+
+def check_packed(backend: str) -> Result:
+    """packed_conv2d on ``backend`` against the reference kernel, bit for bit (integers)."""
+    from expcuda import registry
+    from expcuda.deploy import ops as deploy_ops
+    from expcuda.deploy import pack_planes, packed_conv2d
+    op = deploy_ops.PACKED_CONV2D
+    device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+    reason = registry.availability(backend)
+    if reason is None and backend != "reference":
+        reason = registry.why_not(op, backend, torch.zeros(1, dtype=torch.uint8, device=device))
+    if reason is not None:
+        return Result(op, backend, "refused", reason)
+    gen = torch.Generator().manual_seed(0)
+    for a_bits, w_bits, c, k, stride, padding in PACKED_CASES:
+        x = torch.randint(0, 1 << a_bits, (2, 6, 5, c), generator=gen, dtype=torch.uint8).to(device)
+        planes = pack_planes(torch.randint(0, 1 << w_bits, (5, k, k, c), generator=gen, dtype=torch.uint8),
+                             w_bits).to(device)
+        args = (x, planes, c, a_bits, w_bits, stride, padding)
+        with registry.use_backend("reference"):
+            want = packed_conv2d(*args)
+        with registry.use_backend(backend):
+            got = packed_conv2d(*args)
+        for name, g, w in zip(("S", "T"), got, want):
+            if exact_diff(g, w) is not None:
+                return Result(op, backend, "mismatch", f"{name} differs at bits {a_bits}/{w_bits}, {c} channels, "
+                                                       f"{k}x{k} stride {stride} padding {padding}")
+    what = "the definition of correct: ran" if backend == "reference" else "bit for bit with the reference:"
+    return Result(op, backend, "ok", f"{what} {len(PACKED_CASES)} cases on {device.type}")
+
+
 # --------------------------------------------------------------------------- driver
 
 def _guarded(op: str, backend: str, check: Callable[[], Result]) -> Result:
@@ -240,6 +276,8 @@ def results() -> Iterator[Result]:
             yield _guarded(op, backend, lambda: check_quant(op, backend, cases))
     for backend in backends.NAMES:
         yield _guarded("block_epilogue", backend, lambda: check_epilogue(backend))
+    for backend in backends.NAMES:
+        yield _guarded("packed_conv2d", backend, lambda: check_packed(backend))
 
 
 def main(echo=print) -> int:

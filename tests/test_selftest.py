@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from expcuda import backends, info, selftest
+from expcuda import _ext, backends, info, selftest
 from expcuda import registry
 from expcuda.nn import epilogue
 from expcuda.quant import __all__ as QUANTIZERS
@@ -97,6 +97,20 @@ def test_a_broken_epilogue_kernel_is_a_mismatch(monkeypatch):
     assert rc == 1
     bad = line_of(lines, "block_epilogue", "cpu")
     assert "mismatch" in bad and "dbias: relative error" in bad, bad
+
+
+@pytest.mark.skipif(not _ext.has_kernel("packed_conv2d", "CPU"), reason="the C++ packed convolution is not built")
+def test_a_broken_packed_kernel_is_a_mismatch():
+    good = registry.kernel("packed_conv2d", "cpu").fn
+
+    def one_off(*args):
+        s, t = good(*args)
+        return s, t + (t == t.max()).to(t.dtype)  # T one too large somewhere
+    with registry.replaced("packed_conv2d", "cpu", one_off):
+        rc, lines = run_selftest()
+    assert rc == 1
+    assert "mismatch: T differs" in line_of(lines, "packed_conv2d", "cpu")
+    assert line_of(lines, "packed_conv2d", "reference").split()[2] == "ok:"
 
 
 def test_command_line():
