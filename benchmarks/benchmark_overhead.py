@@ -54,9 +54,12 @@ def cases(shape):
 def measure(rounds: int, calls: int = 20) -> dict:
     runs = {shape: cases(shape) for shape in ((128, 32, 18, 18), (1000,))}
     times = {(s, n): [] for s, c in runs.items() for n in c}
-    for _ in range(rounds):
+    for r in range(rounds):
         for shape, fns in runs.items():
-            for name, fn in fns.items():
+            names = list(fns)
+            names = names[r % len(names):] + names[:r % len(names)]  # each case leads in turn: the
+            for name in names:                                       # allocator's state favours none
+                fn = fns[name]
                 fn()
                 start = time.perf_counter()
                 for _ in range(calls):
