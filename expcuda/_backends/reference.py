@@ -1,6 +1,6 @@
 """The pure-PyTorch backend: always available, serves every device and dtype.
 
-Its kernels are the definition of correct: the quantizers' in ``expcuda.quant.reference``
+Its kernels are the definition of correct: the quantizers' in their modules of ``expcuda/quant/kinds``
 and the block epilogue's beside its op in ``expcuda.nn.epilogue``.
 """
 
