@@ -23,13 +23,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from expcuda.methods import units
-from expcuda.quant import WEIGHT_KINDS
-from expcuda.nn.quantizers import check_a_bits, check_w_bits
+from expcuda.nn.quantizers import BINARY, check_a_bits, check_w_bits
 
 FP = 32  # a stage's bits for "not quantized"
 SCALES = ("reinit", "carry")
-#: quantizers with one bit-width only, and the side they quantize
-BINARY = {**{k.name: "w" for k in WEIGHT_KINDS.values() if k.bits is None}, "sign": "a"}
 
 
 @dataclass(frozen=True)

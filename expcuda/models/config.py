@@ -12,14 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from expcuda.nn.quantizers import BINARY
 from expcuda.quant import WEIGHT_KINDS
 
 MODES = ("exp", "lp", "fp")  # EXP-Net (expanded), the low-precision baseline, full precision
 INPUT_SIZE = {"svhn_net": 40, "vgg16_bn": 32, "alexnet_bn": 224, "preresnet20": 32, "resnet18": 224}
 VERSION = 1
 #: quantizers whose bit-width is fixed, and the value recorded for them (32: not quantized)
-FIXED_BITS = {**{k.name: 1 for k in WEIGHT_KINDS.values() if k.bits is None}, "sign": 1, "none": 32}
-FIXED_BITS_WHY = {**{k.name: k.binary_why for k in WEIGHT_KINDS.values() if k.bits is None},
+FIXED_BITS = {**{name: 1 for name in BINARY}, "none": 32}
+FIXED_BITS_WHY = {**{name: WEIGHT_KINDS[name].binary_why for name in BINARY if name in WEIGHT_KINDS},
                   "sign": "sign activations are binary", "none": "'none' leaves them full precision"}
 DEFAULT_BITS = 2
 

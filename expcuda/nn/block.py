@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from expcuda import _checks, backends, codes, quant
+from expcuda import _checks, backends, codes
 from expcuda.nn import reference
-from expcuda.nn.quantizers import A_QUANTS, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer
+from expcuda.nn.quantizers import A_QUANTS, BINARY, FP_ACTIVATIONS, ActivationQuantizer, WeightQuantizer
 
 COMBINES = tuple(codes.COMBINES)  # ("add", "sub", "concat"), from the kernels' one table
 SCHEMES = (1, 2)
@@ -50,10 +50,8 @@ def _check_geometry(kernel_size, stride, padding, dilation) -> None:
 
 def _check_fixed_bits(w_quant: str, w_bits, a_quant: str, a_bits) -> None:
     """Binary quantizers have no bit-width: 1, or the blocks' shared default 2 (which they ignore)."""
-    w_binary = quant.WEIGHT_KINDS[w_quant].bits is None if w_quant in quant.WEIGHT_KINDS else False
-    for name, kind, bits, binary in (("w_bits", w_quant, w_bits, w_binary), ("a_bits", a_quant, a_bits,
-                                                                          a_quant == "sign")):
-        if binary and bits not in (1, 2):
+    for name, kind, bits, side in (("w_bits", w_quant, w_bits, "w"), ("a_bits", a_quant, a_bits, "a")):
+        if BINARY.get(kind) == side and bits not in (1, 2):
             raise ValueError(f"{name}={bits!r}: {kind} is binary, it takes no bit-width; pass {name}=1 "
                              "or leave it out")
 

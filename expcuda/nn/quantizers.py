@@ -6,8 +6,6 @@ The activation module is ``phi`` then ``Qa`` of the paper (Figure 2); which
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +14,8 @@ from expcuda import _checks, quant
 #: the weight quantizers by name, in the order of their declarations (``expcuda.quant.WEIGHT_KINDS``)
 W_QUANTS = tuple(sorted(quant.WEIGHT_KINDS, key=lambda name: quant.WEIGHT_KINDS[name].order))
 A_QUANTS = ("dorefa", "sign", "lsq", "none")
+#: the quantizers with one bit-width only, and the side they quantize ("w" weights, "a" activations)
+BINARY = {**{name: "w" for name, kind in quant.WEIGHT_KINDS.items() if kind.bits is None}, "sign": "a"}
 FP_ACTIVATIONS = (None, "none", "relu", "clip")
 
 #: ``phi`` (the LP branch's nonlinearity before ``Qa``) per ``a_quant``:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from expcuda.quant import kinds, ops, spec
+from expcuda.quant import kinds, ops, spec  # noqa: F401  (ops declares the shared mask_bwd)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(kinds.__path__)):
     importlib.import_module(f"{kinds.__name__}.{_module}")

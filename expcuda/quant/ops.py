@@ -32,7 +32,7 @@ def compiled_autograd(entry: str, composite: str, x: Tensor):
     without the Python autograd.Function around them: the eager fast path."""
     fn = registry.dispatch(entry, x).fn
     compiled = getattr(torch.ops.expcuda_C, entry, None) if _ext.REASON is None else None
-    if fn is compiled and compiled is not None and _ext.has_kernel(composite, "CompositeImplicitAutograd"):
+    if fn is compiled and _ext.has_kernel(composite, "CompositeImplicitAutograd"):  # fn is never None
         return getattr(torch.ops.expcuda_C, composite)
     return None
 
@@ -52,6 +52,31 @@ def empty_dense_like(x: Tensor, dtype=None) -> Tensor:
 
 def empty_weight_like(w: Tensor) -> Tensor:
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+def masked_forward(entry: str, x: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """The body of an activation op returning (y, packed STE mask): x made dense, an empty x
+    answered here (the kernels take non-empty tensors), else ``entry``'s kernel."""
+    x = dense(x)
+    if x.numel() == 0:
+        return torch.empty_like(x), mask_like(x)
+    return kernel(entry, x)(x, *args)
+
+
+def weight_forward(entry: str, w: Tensor, *args) -> Tensor:
+    """The body of a weight quantizer's forward op: w contiguous, empty answered here."""
+    w = w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return kernel(entry, w)(w, *args)
+
+
+def weight_backward(entry: str, grad: Tensor, w: Tensor, *args) -> Tensor:
+    """The body of a weight quantizer's backward op returning dw alone."""
+    grad, w = grad.contiguous(), w.contiguous()
+    if w.numel() == 0:
+        return torch.empty_like(w)
+    return kernel(entry, w)(grad, w, *args)
 
 
 def mask_like(x: Tensor) -> Tensor:

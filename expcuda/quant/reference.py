@@ -28,8 +28,6 @@ is clipped like any large value by the clipping quantizers.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 

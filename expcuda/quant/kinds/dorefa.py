@@ -8,8 +8,8 @@ from torch import Tensor
 from expcuda import _checks
 from expcuda._custom import apply, autograd, call, define
 from expcuda.quant import spec
-from expcuda.quant.ops import LIB, compiled_autograd, dense, empty_dense_like, empty_weight_like, kernel, mask_like, \
-    masked_backward, masked_setup
+from expcuda.quant.ops import (LIB, compiled_autograd, empty_dense_like, empty_weight_like, mask_like,
+                                 masked_backward, masked_forward, masked_setup, weight_backward, weight_forward)
 from expcuda.quant.reference import F32, F64, _sum64, div, levels, pack_mask, sign
 
 spec.kernels(
@@ -71,10 +71,7 @@ def dorefa_weight_bwd(grad: Tensor, w: Tensor, bits: int) -> Tensor:
 # --------------------------------------------------------------------------- activations: the op
 
 def _dorefa_activation_op_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    x = dense(x)
-    if x.numel() == 0:
-        return torch.empty_like(x), mask_like(x)
-    return kernel("dorefa_activation_fwd", x)(x, bits)
+    return masked_forward("dorefa_activation_fwd", x, bits)
 
 
 dorefa_activation_op = define(f"{LIB}::dorefa_activation", _dorefa_activation_op_impl)
@@ -105,10 +102,7 @@ def dorefa_activation(x: Tensor, bits: int) -> Tensor:
 # --------------------------------------------------------------------------- weights: the ops
 
 def _dorefa_weight_op_impl(w: Tensor, bits: int) -> Tensor:
-    w = w.contiguous()
-    if w.numel() == 0:
-        return torch.empty_like(w)
-    return kernel("dorefa_weight_fwd", w)(w, bits)
+    return weight_forward("dorefa_weight_fwd", w, bits)
 
 
 dorefa_weight_op = define(f"{LIB}::dorefa_weight", _dorefa_weight_op_impl)
@@ -120,10 +114,7 @@ def _(w, bits):
 
 
 def _dorefa_weight_backward_impl(grad: Tensor, w: Tensor, bits: int) -> Tensor:
-    grad, w = grad.contiguous(), w.contiguous()
-    if w.numel() == 0:
-        return torch.empty_like(w)
-    return kernel("dorefa_weight_bwd", w)(grad, w, bits)
+    return weight_backward("dorefa_weight_bwd", grad, w, bits)
 
 
 dorefa_weight_backward = define(f"{LIB}::dorefa_weight_backward", _dorefa_weight_backward_impl)

@@ -8,7 +8,8 @@ from torch import Tensor
 from expcuda import _checks
 from expcuda._custom import apply, autograd, define
 from expcuda.quant import spec
-from expcuda.quant.ops import LIB, compiled_autograd, dense, empty_dense_like, kernel, mask_like, masked_backward, masked_setup
+from expcuda.quant.ops import (LIB, compiled_autograd, empty_dense_like, mask_like, masked_backward,
+                                 masked_forward, masked_setup)
 from expcuda.quant.reference import F32, pack_mask, sign
 
 spec.kernels(sign_activation_fwd="sign activation: (x) -> (y, packed hardtanh STE mask)")
@@ -21,10 +22,7 @@ def sign_activation_fwd(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _sign_activation_op_impl(x: Tensor) -> tuple[Tensor, Tensor]:
-    x = dense(x)
-    if x.numel() == 0:
-        return torch.empty_like(x), mask_like(x)
-    return kernel("sign_activation_fwd", x)(x)
+    return masked_forward("sign_activation_fwd", x)
 
 
 sign_activation_op = define(f"{LIB}::sign_activation", _sign_activation_op_impl)

@@ -9,7 +9,7 @@ from expcuda import _checks
 from expcuda._custom import apply, autograd, call, define
 from expcuda.codes import GRANULARITY_CODE
 from expcuda.quant import spec
-from expcuda.quant.ops import LIB, empty_weight_like, kernel
+from expcuda.quant.ops import LIB, empty_weight_like, kernel, weight_forward
 from expcuda.quant.reference import F32, _sum64, sign
 
 GRANULARITY_RANK = {"pixel": 2, "row": 1, "layer": 0}
@@ -70,10 +70,7 @@ def _bwd_compiled(C, grad, w, scales, eta, granularity):
 # --------------------------------------------------------------------------- the ops
 
 def _syq_weight_op_impl(w: Tensor, scales: Tensor, eta: float, granularity: str) -> Tensor:
-    w, scales = w.contiguous(), scales.contiguous()
-    if w.numel() == 0:
-        return torch.empty_like(w)
-    return kernel("syq_weight_fwd", w)(w, scales, eta, granularity)
+    return weight_forward("syq_weight_fwd", w, scales.contiguous(), eta, granularity)
 
 
 syq_weight_op = define(f"{LIB}::syq_weight", _syq_weight_op_impl)

@@ -10,7 +10,7 @@ from torch import Tensor
 from expcuda import _checks
 from expcuda._custom import apply, autograd, call, define
 from expcuda.quant import spec
-from expcuda.quant.ops import LIB, empty_weight_like, kernel
+from expcuda.quant.ops import LIB, empty_weight_like, weight_backward, weight_forward
 from expcuda.quant.reference import F32, _sum64, div, sign
 
 spec.kernels(
@@ -52,10 +52,7 @@ def xnor_weight_bwd(grad: Tensor, w: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- the ops
 
 def _xnor_weight_op_impl(w: Tensor) -> Tensor:
-    w = w.contiguous()
-    if w.numel() == 0:
-        return torch.empty_like(w)
-    return kernel("xnor_weight_fwd", w)(w)
+    return weight_forward("xnor_weight_fwd", w)
 
 
 xnor_weight_op = define(f"{LIB}::xnor_weight", _xnor_weight_op_impl)
@@ -67,10 +64,7 @@ def _(w):
 
 
 def _xnor_weight_backward_impl(grad: Tensor, w: Tensor) -> Tensor:
-    grad, w = grad.contiguous(), w.contiguous()
-    if w.numel() == 0:
-        return torch.empty_like(w)
-    return kernel("xnor_weight_bwd", w)(grad, w)
+    return weight_backward("xnor_weight_bwd", grad, w)
 
 
 xnor_weight_backward = define(f"{LIB}::xnor_weight_backward", _xnor_weight_backward_impl)
