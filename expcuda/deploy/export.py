@@ -164,8 +164,7 @@ def _pack_block(name: str, key: str, block, in_act: dict, put) -> dict:
     o = c.out_channels
     unit = (a_gain * gains[0] if integer else torch.full((o,), a_gain, dtype=torch.float64)).expand(o)
     k, cin = c.kernel_size[0] * c.kernel_size[1], c.in_channels
-    bound = ((abs(a_coding.mult) * (2**a_coding.bits - 1) + abs(a_coding.add))
-             * (abs(coding.mult) * (2**coding.bits - 1) + abs(coding.add)) * k * cin)
+    bound = fold.accumulator_bound(a_coding, coding, k * cin)
     thr, direction = fold.fold_thresholds(block.lp_bn, out_act["kind"], out_act["bits"], out_act["step"],
                                           unit, integer, big=bound + 1)
     if integer:

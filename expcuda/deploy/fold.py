@@ -34,6 +34,12 @@ class Coding:
     add: int
 
 
+def accumulator_bound(a: Coding, w: Coding, taps: int) -> int:
+    """The largest |mult_a*mult_w*S + ...| (the layer's integer accumulator) any codes can give over
+    ``taps`` products (kernel taps x input channels): what the thresholds are clamped to, plus one."""
+    return ((abs(a.mult) * (2**a.bits - 1) + abs(a.add)) * (abs(w.mult) * (2**w.bits - 1) + abs(w.add)) * taps)
+
+
 # --------------------------------------------------------------------------- activations
 
 def activation_coding(kind: str, bits: int, step: float | None = None) -> tuple[Coding, float]:

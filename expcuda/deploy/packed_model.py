@@ -52,10 +52,11 @@ class PackedConv(nn.Module):
         a, w = spec["a_code"], spec["w_code"]
         kh, kw = spec["kernel_size"]
         #: the largest |accumulator| any input can give (the export clamps thresholds to +-(bound+1))
-        self.bound = ((abs(a["mult"]) * (2 ** a["bits"] - 1) + abs(a["add"]))
-                      * (abs(w["mult"]) * (2 ** spec["w_bits"] - 1) + abs(w["add"])) * kh * kw * spec["in_channels"])
+        self.bound = fold.accumulator_bound(fold.Coding(a["bits"], a["mult"], a["add"]),
+                                            fold.Coding(spec["w_bits"], w["mult"], w["add"]),
+                                            kh * kw * spec["in_channels"])
         #: the accumulator's integer type: int32 where it cannot overflow (half the memory traffic)
-        self.work = torch.int32 if spec["integer"] and self.bound + 1 <= 2**31 - 1 else torch.int64
+        self.work = torch.int32 if spec["integer"] and self.bound + 1 <= fold.INT32_MAX else torch.int64
         thr = t["thresholds"]
         if spec["integer"]:  # clamping to +-(bound+1) changes no comparison with a reachable value
             thr = thr.to(torch.int64).clamp(-(self.bound + 1), self.bound + 1).to(self.work)
