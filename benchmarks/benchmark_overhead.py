@@ -8,13 +8,16 @@ custom op's Python autograd.Function (``op_python``: the same kernels, the path 
 op), against the memory-traffic floor
 (``x.clone(); g.clone()``) on 128x32x18x18 float32, and the same op on a
 1,000-element tensor against ``torch.relu`` forward + backward. Prints the
-median and best time of each and the ratios (targets: 1.5x the floor, 2x relu).
-Each call starts with ``x.grad = None``, so backward stores its gradient instead of
+median and best time of each, the page faults per call, and the ratios (targets: 1.5x the
+floor, 2x relu).  Page faults matter on the large tensor: when glibc has handed the freed heap
+back to the kernel, the next call's output pages fault in one by one (the kernel zeroes each),
+which costs about one more pass over the tensor.  Each call starts with ``x.grad = None``, so backward stores its gradient instead of
 adding it to the previous call's.
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import time
@@ -54,6 +57,7 @@ def cases(shape):
 def measure(rounds: int, calls: int = 20) -> dict:
     runs = {shape: cases(shape) for shape in ((128, 32, 18, 18), (1000,))}
     times = {(s, n): [] for s, c in runs.items() for n in c}
+    faults = {key: 0 for key in times}
     for r in range(rounds):
         for shape, fns in runs.items():
             names = list(fns)
@@ -61,18 +65,25 @@ def measure(rounds: int, calls: int = 20) -> dict:
             for name in names:                                       # allocator's state favours none
                 fn = fns[name]
                 fn()
+                before = _minor_faults()
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
                 times[(shape, name)].append((time.perf_counter() - start) / calls * 1e6)
-    return times
+                faults[(shape, name)] += _minor_faults() - before
+    return times, {key: n / (rounds * calls) for key, n in faults.items()}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(rounds: int) -> None:
-    times = measure(rounds)
-    print(f"{'case':<32}{'median us':>12}{'best us':>10}")
+    times, faults = measure(rounds)
+    print(f"{'case':<32}{'median us':>12}{'best us':>10}{'faults/call':>13}")
     for (shape, name), ts in times.items():
-        print(f"{'x'.join(map(str, shape)) + ' ' + name:<32}{statistics.median(ts):>12.1f}{min(ts):>10.1f}")
+        print(f"{'x'.join(map(str, shape)) + ' ' + name:<32}{statistics.median(ts):>12.1f}{min(ts):>10.1f}"
+              f"{faults[(shape, name)]:>13.1f}")
     for shape, base, target in (((128, 32, 18, 18), "floor", 1.5), ((1000,), "relu", 2.0)):
         for name in ("op", "op_python"):
             med = statistics.median(times[(shape, name)]) / statistics.median(times[(shape, base)])

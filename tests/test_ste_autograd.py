@@ -82,3 +82,29 @@ def test_a_forced_or_replaced_kernel_is_honoured():
     with registry.replaced("dorefa_activation_fwd", "cpu", broken):
         with pytest.raises(RuntimeError, match="broken kernel"):
             Q.dorefa_activation(x, 2)
+
+
+class _Recording(torch.Tensor):
+    """A Tensor subclass that records the functions __torch_function__ sees."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_plain_tensors_take_the_binding_and_subclasses_torch_ops():
+    """A plain Tensor calls the pybind11 function of expcuda._C (no torch.ops Python around it); a
+    subclass calls torch.ops.expcuda_C, whose __torch_function__ handling the binding lacks."""
+    from expcuda.quant.ops import compiled_autograd
+
+    x = _inputs("contiguous", torch.float32)
+    assert compiled_autograd("dorefa_activation_fwd", "dorefa_activation_ste", x) is _ext._C.dorefa_activation_ste
+    assert compiled_autograd("sign_activation_fwd", "sign_activation_ste", x) is _ext._C.sign_activation_ste
+    sub = x.as_subclass(_Recording)
+    _Recording.seen.clear()
+    y = Q.dorefa_activation(sub, 2)
+    assert any("dorefa_activation_ste" in name for name in _Recording.seen), _Recording.seen
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), Q.dorefa_activation(x, 2), atol=0, rtol=0)

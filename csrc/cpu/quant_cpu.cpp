@@ -280,13 +280,16 @@ std::tuple<Tensor, Tensor> dorefa_activation_fwd(const Tensor& x, int64_t bits) 
   check_dense(x, "x");
   check_bits(bits, 1);
   int64_t n = x.numel();
+  // y before the small mask: a freed gradient of x's size is then reused whole by y instead of
+  // being split by the mask (a loop of forward + backward on 128x32x18x18: 181 page faults per
+  // call with the mask first, 0 after)
+  Tensor y = bits == 32 ? x.clone() : at::empty_like(x);
   Tensor mask = at::empty({divup(n, 8)}, x.options().dtype(at::kByte));
   if (bits == 32) {  // no quantization: y = x, every mask bit set (bits past numel stay 0)
     std::memset(mask.data_ptr<uint8_t>(), 0xFF, n / 8);
     if (n % 8) mask.data_ptr<uint8_t>()[n / 8] = static_cast<uint8_t>((1u << (n % 8)) - 1);
-    return {x.clone(), mask};
+    return {y, mask};
   }
-  Tensor y = at::empty_like(x);
   float lv = qm::levels(bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dorefa_activation_fwd", [&] {
     masked_map(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
@@ -298,8 +301,8 @@ std::tuple<Tensor, Tensor> dorefa_activation_fwd(const Tensor& x, int64_t bits) 
 std::tuple<Tensor, Tensor> sign_activation_fwd(const Tensor& x) {
   check_dense(x, "x");
   int64_t n = x.numel();
+  Tensor y = at::empty_like(x);  // before the mask, as in dorefa_activation_fwd
   Tensor mask = at::empty({divup(n, 8)}, x.options().dtype(at::kByte));
-  Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_activation_fwd", [&] {
     masked_map(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                mask.mutable_data_ptr<uint8_t>(), n, SignActOp{});

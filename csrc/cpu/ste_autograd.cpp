@@ -6,6 +6,11 @@
 // packed STE mask and the output's strides, and backward calls mask_bwd on the gradient in
 // the output's layout.  The results are those of the Python ops (tested bit for bit);
 // torch.compile and opcheck use the Python custom ops (expcuda/quant/kinds) instead.
+//
+// Each is also bound as a plain function of expcuda._C (csrc/ops.cpp): a call through
+// torch.ops costs ~3 us of Python before it reaches the dispatcher, a pybind11 call ~1 us.
+#include "cpu/ste_autograd.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -93,10 +98,10 @@ struct SignActivationSte : public torch::autograd::Function<SignActivationSte> {
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) { return backward_from_mask(ctx, grads, 1); }
 };
 
+}  // namespace
+
 Tensor dorefa_activation_ste(const Tensor& x, int64_t bits) { return DorefaActivationSte::apply(x, bits); }
 Tensor sign_activation_ste(const Tensor& x) { return SignActivationSte::apply(x); }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(expcuda_C, m) {
   m.def("dorefa_activation_ste(Tensor x, int bits) -> Tensor");

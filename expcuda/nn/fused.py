@@ -8,6 +8,8 @@ combine.  The folded variant convolves once with ``Qw(W1) +- f*W2``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,22 @@ def _epilogue(bn: nn.Module, z: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, 
     return out, mean, var, z.numel() // z.shape[1]
 
 
+def batchnorm_epilogue(bn: nn.BatchNorm2d, z: Tensor, f: Optional[Tensor] = None, step: Optional[Tensor] = None,
+                       a_quant: str = "none", a_bits: int = 32, phi: str = "identity") -> Tensor:
+    """BN with this batch's statistics (every rank's when ``bn`` is synced), then ``phi`` and Qa,
+    as one epilogue op over z's channels; the running statistics updated as F.batch_norm does.
+    With the defaults it is BatchNorm alone (``sync_bn.SyncBatchNorm2d`` runs it)."""
+    weight, bias = bn.weight, bn.bias
+    if weight is None:  # affine=False: the epilogue's scale 1 and shift 0
+        weight = z.new_ones((z.shape[1],), dtype=torch.float32)
+        bias = z.new_zeros((z.shape[1],), dtype=torch.float32)
+    out, mean, var, count = _epilogue(
+        bn, z, weight, bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
+        z.shape[1], float(bn.eps), 2, "add", a_quant, a_bits, phi, "identity")
+    update_running_stats(bn, mean, var, count)
+    return out
+
+
 def lp_epilogue(block, z: Tensor) -> Tensor:
     """BN (batch statistics), phi and Qa of the LP branch alone: the plain block, the folded block."""
     bn = block.lp_bn
@@ -43,12 +61,7 @@ def lp_epilogue(block, z: Tensor) -> Tensor:
         return block.aq(bn(z))
     a_quant, a_bits, phi = block.aq.epilogue_args()
     step = block.aq.step if a_quant == "lsq" else None
-    f = getattr(block, "f", None)
-    out, mean, var, count = _epilogue(
-        bn, z, bn.weight, bn.bias, f if f is not None else z.new_zeros((), dtype=torch.float32), step,
-        z.shape[1], float(bn.eps), 2, "add", a_quant, a_bits, phi, "identity")
-    update_running_stats(bn, mean, var, count)
-    return out
+    return batchnorm_epilogue(bn, z, getattr(block, "f", None), step, a_quant, a_bits, phi)
 
 
 def forward(block, x: Tensor, extra: bool) -> Tensor:

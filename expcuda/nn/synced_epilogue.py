@@ -3,7 +3,7 @@
 The local op (``expcuda::block_epilogue``) computes its statistics and its
 backward sums in one call.  Here the same kernels run in their passes with an
 all-reduce in between: this rank's per-channel mean and variance, summed over
-the ranks as ``sync_bn.SyncBatchNorm2d`` does (``sync_bn.reduce_moments``);
+the ranks (:func:`reduce_moments`);
 the normalise / quantize / combine pass from those statistics;
 in the backward, this rank's sums of dy and dy * xhat, summed over the ranks,
 then dz from them.  BatchNorm's weight and bias gradients stay this rank's
@@ -26,16 +26,38 @@ from expcuda import registry
 from expcuda.nn import epilogue
 
 
+def is_synced(bn) -> bool:
+    """Whether ``bn`` takes its statistics across ranks (``sync_bn.SyncBatchNorm2d`` or
+    PyTorch's GPU ``nn.SyncBatchNorm``)."""
+    return getattr(bn, "reduces_across_ranks", False) or isinstance(bn, torch.nn.SyncBatchNorm)
+
+
 def reduce_group(bn) -> Optional[object]:
     """The process group ``bn``'s statistics are reduced over, or None when they are this
     rank's own: ``bn`` is not synced, no process group is initialised, or it has one rank."""
-    from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
-    if not bn.training or not sync_bn.is_synced(bn) or not (dist.is_available() and dist.is_initialized()):
+    if not bn.training or not is_synced(bn) or not (dist.is_available() and dist.is_initialized()):
         return None
     group = getattr(bn, "process_group", None)  # nn.SyncBatchNorm's
     if group is None:
         group = dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def reduce_moments(mean: Tensor, var: Tensor, n: int, group) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch's per-channel mean and biased variance (float64) and its number of
+    values per channel, from this rank's float32 ``mean`` and ``var`` over ``n`` values per
+    channel: summed over the ranks as float64 ``n * mean`` and ``n * (var + mean^2)`` (the
+    decomposition is exact, so only the local float32 moments round)."""
+    c = mean.numel()
+    if n:
+        m, v = mean.to(torch.float64), var.to(torch.float64)
+        sums = torch.cat([m * n, (v + m * m) * n, m.new_full((1,), float(n))])
+    else:  # an empty share of the batch adds nothing
+        sums = mean.new_zeros((2 * c + 1,), dtype=torch.float64)
+    dist.all_reduce(sums, group=group)
+    count = sums[-1]
+    gmean = sums[:c] / count
+    return gmean, (sums[c:2 * c] / count - gmean * gmean).clamp_min(0), count
 
 
 class Passes:
@@ -69,13 +91,11 @@ def _kernel_input(t: Tensor) -> Tensor:
 class _SyncedEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, f, step, group, *args):
-        c_lp, eps = args[0], args[1]
         z = _kernel_input(z)
         k = kernels(z)
-        from expcuda.nn import sync_bn  # sync_bn imports fused, which imports this module
         c, n = z.shape[1], z.numel() // z.shape[1]
         local = k.stats(z) if n else (z.new_zeros((c,), dtype=torch.float32),) * 2
-        mean, var, count = sync_bn.reduce_moments(*local, n, group)
+        mean, var, count = reduce_moments(*local, n, group)
         mean, var, count = mean.float(), var.float(), float(count)
         out = k.fwd_given(z, weight, bias, f, step, mean, var, *args)
         ctx.save_for_backward(z, weight, bias, f, step, mean, var)

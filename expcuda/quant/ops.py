@@ -26,15 +26,25 @@ def kernel(op: str, t: Tensor):
 
 
 def compiled_autograd(entry: str, composite: str, x: Tensor):
-    """``torch.ops.expcuda_C.<composite>`` (forward + STE backward as one C++ autograd op, in
+    """The C++ autograd op ``<composite>`` (forward + STE backward in one node, in
     csrc/cpu/ste_autograd.cpp) when the dispatcher's kernel for ``entry`` on ``x`` is the compiled
     one as registered (not forced elsewhere, nor replaced), else None.  It runs the same kernels
-    without the Python autograd.Function around them: the eager fast path."""
+    without the Python autograd.Function around them: the eager fast path.  For a plain Tensor it
+    is ``expcuda._C.<composite>`` (a pybind11 function: ~2 us less per call than torch.ops); a
+    Tensor subclass gets ``torch.ops.expcuda_C.<composite>``, which honours __torch_function__."""
     fn = registry.dispatch(entry, x).fn
-    compiled = getattr(torch.ops.expcuda_C, entry, None) if _ext.REASON is None else None
-    if fn is compiled and _ext.has_kernel(composite, "CompositeImplicitAutograd"):  # fn is never None
-        return getattr(torch.ops.expcuda_C, composite)
-    return None
+    fast = _FAST.get((entry, fn))
+    if fast is None:
+        compiled = getattr(torch.ops.expcuda_C, entry, None) if _ext.REASON is None else None
+        if fn is compiled and _ext.has_kernel(composite, "CompositeImplicitAutograd"):  # fn is never None
+            fast = (getattr(_ext._C, composite), getattr(torch.ops.expcuda_C, composite))
+        else:
+            fast = (None, None)
+        _FAST[(entry, fn)] = fast
+    return fast[0] if type(x) is Tensor else fast[1]
+
+
+_FAST: dict = {}  # (entry, the dispatched kernel function) -> (pybind function, torch.ops op)
 
 
 def dense(x: Tensor) -> Tensor:
