@@ -72,6 +72,19 @@ struct Geometry {
   bool words;  // plane rows a multiple of 4 bytes from 4-byte aligned bases: 32 channels a load
 };
 
+// f(ky, kx, iy, ix) for each tap of output pixel (oy, ox) inside the input: padded taps are skipped.
+template <typename F>
+__device__ __forceinline__ void for_each_tap(const Geometry& g, int64_t oy, int64_t ox, F f) {
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.stride - g.pad + ky;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t ix = ox * g.stride - g.pad + kx;
+      if (ix >= 0 && ix < g.w) f(ky, kx, iy, ix);
+    }
+  }
+}
+
 __global__ void s_kernel(const uint8_t* __restrict__ planes, const uint8_t* __restrict__ wp,
                          int32_t* __restrict__ s, Geometry g) {
   const int64_t total = g.n * g.ho * g.wo * g.o;
@@ -84,19 +97,13 @@ __global__ void s_kernel(const uint8_t* __restrict__ planes, const uint8_t* __re
     const int64_t oy = rest % g.ho;
     const int64_t n = rest / g.ho;
     int64_t acc = 0;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.stride - g.pad + ky;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.stride - g.pad + kx;
-        if (ix < 0 || ix >= g.w) continue;
-        const uint8_t* xa = planes + ((n * g.h + iy) * g.w + ix) * g.a_bits * g.cb;
-        const uint8_t* wa = wp + ((o * g.kh + ky) * g.kw + kx) * g.w_bits * g.cb;
-        for (int i = 0; i < g.a_bits; ++i)
-          for (int j = 0; j < g.w_bits; ++j)
-            acc += static_cast<int64_t>(and_popcount(xa + i * g.cb, wa + j * g.cb, g.cb, g.words)) << (i + j);
-      }
-    }
+    for_each_tap(g, oy, ox, [&](int64_t ky, int64_t kx, int64_t iy, int64_t ix) {
+      const uint8_t* xa = planes + ((n * g.h + iy) * g.w + ix) * g.a_bits * g.cb;
+      const uint8_t* wa = wp + ((o * g.kh + ky) * g.kw + kx) * g.w_bits * g.cb;
+      for (int i = 0; i < g.a_bits; ++i)
+        for (int j = 0; j < g.w_bits; ++j)
+          acc += static_cast<int64_t>(and_popcount(xa + i * g.cb, wa + j * g.cb, g.cb, g.words)) << (i + j);
+    });
     s[idx] = static_cast<int32_t>(acc);
   }
 }
@@ -109,14 +116,7 @@ __global__ void t_kernel(const int32_t* __restrict__ psum, int32_t* __restrict__
     const int64_t oy = (idx / g.wo) % g.ho;
     const int64_t n = idx / (g.wo * g.ho);
     int32_t sum = 0;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.stride - g.pad + ky;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.stride - g.pad + kx;
-        if (ix >= 0 && ix < g.w) sum += psum[(n * g.h + iy) * g.w + ix];
-      }
-    }
+    for_each_tap(g, oy, ox, [&](int64_t, int64_t, int64_t iy, int64_t ix) { sum += psum[(n * g.h + iy) * g.w + ix]; });
     t[idx] = sum;
   }
 }

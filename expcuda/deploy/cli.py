@@ -140,8 +140,8 @@ def main_bench(argv) -> int:
             packed, source = load_packed(path), path
         else:
             packed, source = PackedModel(*pack(model)), "packed in memory"
-        rows = bench.bench({"collapsed float32": model, "packed": packed}, packed.config, input_shape(model),
-                           batches, ns.min_time)
+        rows = bench.bench({"collapsed float32": model, "packed": packed}, input_shape(model), batches,
+                           ns.min_time)
     except (ValueError, OSError) as exc:
         return _error(exc)
     print(f"packed file: {source}; {torch.get_num_threads()} threads")
