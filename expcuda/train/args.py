@@ -60,6 +60,8 @@ def add_train_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines stay)")
     g.add_argument("--no-sync-bn", action="store_true",
                    help="DDP: BatchNorm statistics per rank (the fused kernels) instead of the global batch's")
+    g.add_argument("--bind-cores", action="store_true",
+                   help="DDP: pin each rank of this machine to its own CPUs (--threads of them, or an equal share)")
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
@@ -120,6 +122,7 @@ def overrides(ns: argparse.Namespace, skip=()) -> dict:
     values["resume"] = bool(getattr(ns, "resume", False))
     values["progress"] = not getattr(ns, "no_progress", False)
     values["sync_bn"] = not getattr(ns, "no_sync_bn", False)
+    values["bind_cores"] = bool(getattr(ns, "bind_cores", False))
     return values
 
 

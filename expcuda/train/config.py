@@ -16,7 +16,7 @@ from expcuda.train.presets import PRESETS
 OPTIMIZERS = ("adam", "sgd")
 
 # Fields that may differ between a run and its resumption: where things are, not what is trained.
-NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers")
+NOT_IDENTITY = ("data_dir", "out", "resume", "progress", "threads", "workers", "bind_cores")
 FLOAT32_MAX = 3.4028234663852886e38
 SEED_MAX = 2**32 - 1  # numpy's and the data order's seeds are 32-bit; torch takes them as they are
 
@@ -70,6 +70,7 @@ class TrainConfig:
     threads: Optional[int] = None
     workers: int = 2
     sync_bn: bool = True  # DDP: BatchNorm statistics over the global batch (see expcuda.nn.sync_bn)
+    bind_cores: bool = False  # DDP: each rank pinned to its own CPUs (expcuda.train.distributed.core_share)
     nesterov: bool = False  # SGD with Nesterov momentum (Zhuang et al.'s recipes)
     # Zhuang et al. (expcuda.methods; checked by expcuda.train.methods.check)
     progressive: Optional[str] = None  # "two-stage" or "bits:32,8,4,2"

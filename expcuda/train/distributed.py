@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -25,12 +26,33 @@ class Dist:
         return self.rank == 0
 
 
-def setup() -> Dist:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+def core_share(local_rank: int, local_world: int, threads: Optional[int], cpus) -> list[int]:
+    """This rank's CPUs under ``--bind-cores``: the ``local_rank``-th of ``local_world`` equal,
+    disjoint slices of ``cpus`` (``threads`` each, or an equal share when None)."""
+    cpus = sorted(cpus)
+    per = threads if threads else len(cpus) // local_world
+    if per < 1 or per * local_world > len(cpus):
+        raise ValueError(f"--bind-cores: {local_world} ranks x {threads or 1} threads need "
+                         f"{local_world * (threads or 1)} CPUs, this process may run on {len(cpus)}")
+    return cpus[local_rank * per:(local_rank + 1) * per]
+
+
+def setup(bind_cores: bool = False, threads: Optional[int] = None) -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs).
+
+    ``bind_cores``: each rank of this machine first pins itself to its own CPUs
+    (:func:`core_share`), so that gloo's threads, which inherit the affinity, and the compute
+    thread stay on one core instead of migrating: measured 1.2x the images/s of unbound CPU
+    ranks here (see the README)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if bind_cores:
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("--bind-cores needs os.sched_setaffinity (Linux)")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        os.sched_setaffinity(0, core_share(local, local_world, threads, os.sched_getaffinity(0)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         backend, device = "nccl", torch.device("cuda", local)

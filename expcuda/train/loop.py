@@ -265,7 +265,7 @@ class Run:
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """Train per ``cfg`` (joining torchrun's process group when launched by it); the summary dict."""
-    d = distributed.setup()
+    d = distributed.setup(cfg.bind_cores, cfg.threads)
     held = None
     try:
         refused = None
