@@ -57,6 +57,28 @@ def _counting(*args):
 synced_epilogue.block_epilogue = _counting  # fused.py calls it through the module
 
 
+def bare_batchnorm(rank: int, world: int) -> dict:
+    """A SyncBatchNorm2d without affine parameters or running statistics, on its own: its output
+    and input gradient on each rank's half against nn.BatchNorm2d on the whole batch (rank 0)."""
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(8, 3, 5, 5, generator=g), torch.randn(8, 3, 5, 5, generator=g)
+    bn = sync_bn.SyncBatchNorm2d(3, affine=False, track_running_stats=False).train()
+    mine = x[rank::world].clone().requires_grad_(True)
+    out = bn(mine)
+    out.backward(dy[rank::world])
+    outs, grads_ = [torch.empty_like(out) for _ in range(world)], [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(outs, out.detach())
+    dist.all_gather(grads_, mine.grad)
+    if rank != 0:
+        return {}
+    whole = x.clone().requires_grad_(True)
+    want = torch.nn.BatchNorm2d(3, affine=False, track_running_stats=False).train()(whole)
+    want.backward(dy)
+    got_out = torch.stack(outs, 1).reshape(x.shape)
+    got_grad = torch.stack(grads_, 1).reshape(x.shape)
+    return {"bare-bn": {"out": rel(got_out, want.detach()), "grad": rel(got_grad, whole.grad)}}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,6 +105,7 @@ def main(out: str) -> None:
                 report[f"{mode}-{'synced' if synced else 'per-rank'}"] = {
                     "logits": rel(full, want_logits), "fused_synced": fused_synced,
                     "grads": max(((got[n] - want[n]).norm() / scale).item() for n in want)}
+    report.update(bare_batchnorm(rank, world))
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(report, fh)

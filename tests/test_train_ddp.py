@@ -52,6 +52,8 @@ def test_synced_gradients_equal_one_process(tmp_path):
         assert synced["fused_synced"] > 0 and per_rank["fused_synced"] == 0, (mode, synced, per_rank)
         # the check can fail: per-rank statistics (half batches of 8) are a different function
         assert per_rank["logits"] > 1e-2 and per_rank["grads"] > 1e-2, (mode, per_rank)
+    # a SyncBatchNorm2d with neither affine parameters nor running statistics, on its own
+    assert report["bare-bn"]["out"] < 1e-5 and report["bare-bn"]["grad"] < 1e-5, report["bare-bn"]
 
 
 #: each rank on its own core where there are two (the numbers do not depend on it)
