@@ -3,16 +3,17 @@
     OMP_NUM_THREADS=1 python benchmarks/benchmark_overhead.py [ROUNDS]
 
 Interleaved rounds of: DoReFa activation (2 bits) forward + backward through
-``expcuda.quant.dorefa_activation`` (``op``: on the CPU its C++ autograd op) and through the
-custom op's Python autograd.Function (``op_python``: the same kernels, the path before the C++
-op), against the memory-traffic floor
-(``x.clone(); g.clone()``) on 128x32x18x18 float32, and the same op on a
-1,000-element tensor against ``torch.relu`` forward + backward. Prints the
-median and best time of each, the page faults per call, and the ratios (targets: 1.5x the
-floor, 2x relu).  Page faults matter on the large tensor: when glibc has handed the freed heap
-back to the kernel, the next call's output pages fault in one by one (the kernel zeroes each),
-which costs about one more pass over the tensor.  Each call starts with ``x.grad = None``, so backward stores its gradient instead of
-adding it to the previous call's.
+``expcuda.quant.dorefa_activation`` (``op``: on the CPU its C++ autograd op, called through
+the ``expcuda._C`` binding) and through the custom op's Python autograd.Function
+(``op_python``: the same kernels, the path before the C++ op), against the memory-traffic
+floor (``x.clone(); g.clone()``) on 128x32x18x18 float32, and the same op on a 1,000-element
+tensor against ``torch.relu`` forward + backward. Prints the median and best time of each,
+the page faults per call, and the ratios (targets: 1.5x the floor, 2x relu).
+
+Page faults matter on the large tensor: when glibc has handed the freed heap back to the
+kernel, the next call's output pages fault in one by one (the kernel zeroes each), which
+costs about one more pass over the tensor.  Each call starts with ``x.grad = None``, so
+backward stores its gradient instead of adding it to the previous call's.
 """
 
 from __future__ import annotations
