@@ -42,8 +42,8 @@ def setup(bind_cores: bool = False, threads: Optional[int] = None) -> Dist:
 
     ``bind_cores``: each rank of this machine first pins itself to its own CPUs
     (:func:`core_share`), so that gloo's threads, which inherit the affinity, and the compute
-    thread stay on one core instead of migrating: measured 1.2x the images/s of unbound CPU
-    ranks here (see the README)."""
+    thread stay on one core instead of migrating: measured 1.05-1.2x the images/s of unbound
+    CPU ranks on the 2-core machine (see the README)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
